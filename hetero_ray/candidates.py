@@ -1,0 +1,149 @@
+"""Update candidates: one record per (target slot, aligned source slot), holding the source's
+[A^T ; B] tokens at the target rank and their per-block singular values. Plain tensors plus metadata,
+convertible to and from Arrow so that they can stream through Ray Data."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from hetero_ray.adapters import LoraAdapter
+from hetero_ray.topology.align import AlignmentPlan
+from hetero_ray.topology.blocks import harmonize_rank, module_tokens
+from hetero_ray.topology.families import Slot, Topology
+
+SOURCE_CONTROLS = ("none", "zero_sources", "random_sources")
+
+
+@dataclass
+class Candidate:
+    group: str
+    target_module: str
+    target_layer: int
+    role: str
+    source: int
+    source_id: str
+    family: str
+    source_layer: int
+    n_a_blocks: int
+    tokens: torch.Tensor  # (n_blocks, block_size * rank), fp32
+    sigmas: torch.Tensor  # (n_blocks, rank), fp32
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """Deterministic order within a group: target layer, then source index."""
+        return (self.group, self.target_layer, self.source)
+
+
+def stable_seed(*parts: object) -> int:
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def slot_tensors(adapter: LoraAdapter, slot: Slot) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B rows of the slot's role) in PEFT shapes."""
+    a, b = adapter.module_tensors(slot.module.path)
+    if not slot.fused:
+        return a, b
+    if isinstance(slot.rows, range):
+        return a, b[slot.rows.start : slot.rows.stop]
+    return a, b[torch.as_tensor(slot.rows)]
+
+
+def _equal_norm_random(t: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(t.shape, generator=g, dtype=torch.float32)
+    return r * (t.float().norm() / r.norm().clamp_min(1e-30))
+
+
+def source_candidates(
+    plan: AlignmentPlan,
+    source: int,
+    adapter: LoraAdapter,
+    topology: Topology,
+    block_size: int,
+    control: str = "none",
+    seed: int = 0,
+) -> Iterator[Candidate]:
+    """Yield the candidates of one source, in plan order.
+
+    ``control`` replaces what the source contributes: ``zero_sources`` gives all-zero tokens (no tensor is
+    read), ``random_sources`` a Gaussian adapter with the same Frobenius norm per module (A and B each).
+    """
+    if control not in SOURCE_CONTROLS:
+        raise ValueError(f"unknown source control {control!r}")
+    source_id = plan.sources[source].source_id
+    for entry in plan.entries:
+        for feed in (f for f in entry.feeds if f.source == source):
+            slot = topology.slots[(feed.source_layer, entry.role)]
+            if control == "zero_sources":
+                a, b = torch.zeros(feed.rank, feed.d_in), torch.zeros(feed.d_out, feed.rank)
+            else:
+                a, b = slot_tensors(adapter, slot)
+                if control == "random_sources":
+                    a = _equal_norm_random(a, stable_seed(seed, source_id, slot.module.path, slot.role, "A"))
+                    b = _equal_norm_random(b, stable_seed(seed, source_id, slot.module.path, slot.role, "B"))
+            a, b = harmonize_rank(a, b, entry.rank)
+            tokens, sigmas, n_a = module_tokens(a, b, block_size)
+            yield Candidate(entry.group, entry.module, entry.layer, entry.role, source, source_id, feed.family,
+                            feed.source_layer, n_a, tokens, sigmas)
+
+
+_SCALARS = {
+    "group": pa.string(), "target_module": pa.string(), "target_layer": pa.int32(), "role": pa.string(),
+    "source": pa.int32(), "source_id": pa.string(), "family": pa.string(), "source_layer": pa.int32(),
+    "n_a_blocks": pa.int32(),
+}
+CANDIDATE_SCHEMA = pa.schema(
+    [*_SCALARS.items(), ("n_tokens", pa.int32()), ("rank", pa.int32()),
+     ("tokens", pa.large_list(pa.float32())), ("sigmas", pa.large_list(pa.float32()))]
+)
+
+
+def candidates_to_arrow(candidates: Iterable[Candidate]) -> pa.Table:
+    """Arrow table with one row per candidate; tensors as flat float32 lists plus their shape."""
+    cols: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
+    for c in candidates:
+        for name in _SCALARS:
+            cols[name].append(getattr(c, name))
+        cols["n_tokens"].append(c.tokens.shape[0])
+        cols["rank"].append(c.sigmas.shape[1])
+        cols["tokens"].append(c.tokens.numpy().ravel())
+        cols["sigmas"].append(c.sigmas.numpy().ravel())
+    arrays = [
+        pa.array(cols[f.name], type=f.type) if f.name not in ("tokens", "sigmas")
+        else _flat_list_array(cols[f.name]) for f in CANDIDATE_SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=CANDIDATE_SCHEMA)
+
+
+def _flat_list_array(chunks: list[np.ndarray]) -> pa.Array:
+    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum([len(c) for c in chunks], out=offsets[1:])
+    values = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def candidates_from_arrow(table: pa.Table) -> list[Candidate]:
+    """Inverse of :func:`candidates_to_arrow` (bit-exact)."""
+    table = table.combine_chunks()
+    scalars = {name: table.column(name).to_pylist() for name in _SCALARS}
+    n_tokens = table.column("n_tokens").to_numpy()
+    ranks = table.column("rank").to_numpy()
+    tok_vals = table.column("tokens").chunk(0).flatten().to_numpy() if table.num_rows else None
+    sig_vals = table.column("sigmas").chunk(0).flatten().to_numpy() if table.num_rows else None
+    tok_off = table.column("tokens").chunk(0).offsets.to_numpy() if table.num_rows else None
+    sig_off = table.column("sigmas").chunk(0).offsets.to_numpy() if table.num_rows else None
+    out = []
+    for i in range(table.num_rows):
+        n, r = int(n_tokens[i]), int(ranks[i])
+        tokens = torch.from_numpy(tok_vals[tok_off[i] : tok_off[i + 1]].copy()).reshape(n, -1)
+        sigmas = torch.from_numpy(sig_vals[sig_off[i] : sig_off[i + 1]].copy()).reshape(n, r)
+        out.append(Candidate(**{k: v[i] for k, v in scalars.items()}, tokens=tokens, sigmas=sigmas))
+    return out
+

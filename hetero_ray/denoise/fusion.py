@@ -1,0 +1,186 @@
+"""Everything trained in a fusion: one TransferNet per module group plus a learnable alpha per group,
+the group inputs they read, and the assembly of their outputs into per-module B updates."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hetero_ray.adapters import LoraAdapter
+from hetero_ray.candidates import Candidate, slot_tensors
+from hetero_ray.denoise.rdm import rdm
+from hetero_ray.denoise.transfer_net import TransferNet, TransferNetConfig
+from hetero_ray.errors import HeteroRayError
+from hetero_ray.topology.align import AlignmentPlan
+from hetero_ray.topology.blocks import from_tokens, module_tokens
+from hetero_ray.topology.families import Rows, Topology
+
+
+@dataclass
+class GroupInputs:
+    """The token sequences of one group, batched over its M modules (ordered by target layer)."""
+
+    name: str
+    rank: int
+    layers: list[int]
+    modules: list[str]
+    rows: list[Rows]
+    module_d_out: list[int]
+    d_out: int
+    n_a_blocks: int
+    tgt_tokens: torch.Tensor  # (M, T, D)
+    tgt_sigmas: torch.Tensor  # (M, T, r)
+    src_tokens: torch.Tensor  # (M, S, D), zero-padded
+    src_sigmas: torch.Tensor  # (M, S, r)
+    src_valid: torch.Tensor  # (M, S) bool
+    src_owner: torch.Tensor  # (M, S) source index, -1 on padding
+
+    def net_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.tgt_tokens, self.tgt_sigmas, self.src_tokens, self.src_sigmas, self.src_valid
+
+
+def assemble_groups(
+    plan: AlignmentPlan,
+    target: LoraAdapter,
+    target_topology: Topology,
+    candidates: Iterable[Candidate],
+    block_size: int,
+) -> dict[str, GroupInputs]:
+    """Build every group's inputs from the target adapter and the (unordered) candidate stream."""
+    by_slot: dict[tuple[str, int], list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        by_slot[(c.group, c.target_layer)].append(c)
+    groups = {}
+    for name, entries in plan.groups().items():
+        dims = {(e.d_in, e.d_out) for e in entries}
+        if len(dims) > 1:
+            raise HeteroRayError(f"group {name}: target modules differ in shape {sorted(dims)}; cannot batch")
+        tgt, src = [], []
+        for e in entries:
+            a, b = slot_tensors(target, target_topology.slots[(e.layer, e.role)])
+            tgt.append(module_tokens(a.float(), b.float(), block_size))
+            cands = sorted(by_slot.get((name, e.layer), []), key=lambda c: c.source)
+            expected = sorted(f.source for f in e.feeds)
+            if [c.source for c in cands] != expected:
+                raise HeteroRayError(
+                    f"group {name} layer {e.layer}: candidates from sources {[c.source for c in cands]}, "
+                    f"plan expects {expected}"
+                )
+            src.append(cands)
+        groups[name] = _stack_group(name, entries, target_topology, tgt, src)
+    return groups
+
+
+def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
+    m = len(entries)
+    s_max = max(sum(c.tokens.shape[0] for c in cands) for cands in src)
+    d_flat, rank = tgt[0][0].shape[1], tgt[0][1].shape[1]
+    src_tokens = torch.zeros(m, s_max, d_flat)
+    src_sigmas = torch.zeros(m, s_max, rank)
+    src_valid = torch.zeros(m, s_max, dtype=torch.bool)
+    src_owner = torch.full((m, s_max), -1, dtype=torch.long)
+    for i, cands in enumerate(src):
+        pos = 0
+        for c in cands:
+            n = c.tokens.shape[0]
+            src_tokens[i, pos : pos + n] = c.tokens
+            src_sigmas[i, pos : pos + n] = c.sigmas
+            src_valid[i, pos : pos + n] = True
+            src_owner[i, pos : pos + n] = c.source
+            pos += n
+    slots = [topology.slots[(e.layer, e.role)] for e in entries]
+    return GroupInputs(
+        name=name, rank=rank, layers=[e.layer for e in entries], modules=[e.module for e in entries],
+        rows=[s.rows for s in slots], module_d_out=[s.module.d_out for s in slots], d_out=entries[0].d_out,
+        n_a_blocks=tgt[0][2], tgt_tokens=torch.stack([t[0] for t in tgt]),
+        tgt_sigmas=torch.stack([t[1] for t in tgt]), src_tokens=src_tokens, src_sigmas=src_sigmas,
+        src_valid=src_valid, src_owner=src_owner,
+    )
+
+
+class FusionNet(nn.Module):
+    """One TransferNet per group and a learnable alpha per group (initialised to ``alpha_init``)."""
+
+    def __init__(self, configs: Mapping[str, TransferNetConfig], alpha_init: float = 0.3):
+        super().__init__()
+        self.nets = nn.ModuleDict({name: TransferNet(cfg) for name, cfg in configs.items()})
+        self.alphas = nn.ParameterDict({name: nn.Parameter(torch.tensor(float(alpha_init))) for name in configs})
+
+    def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
+        """Per group: ``db`` = alpha_g * dB (M, d_out, r) and the net's diagnostics (attention, z_target, z_source, ...)."""
+        out = {}
+        for name, g in groups.items():
+            res = self.nets[name](*g.net_inputs())
+            alpha = self.alphas[name]
+            # scaled here, inside forward, where ZeRO-3 has gathered alpha
+            res["db"] = alpha * from_tokens(res.pop("delta")[:, g.n_a_blocks :], g.d_out, g.rank)
+            res["alpha"] = alpha.detach().clone()
+            out[name] = res
+        return out
+
+
+class DirectDelta(nn.Module):
+    """The ``replay_only`` control: the target's B updates themselves are the parameters (zero-init),
+    trained on the same replay with the same steps; alpha is fixed at 1 and no source is read."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int, int]]):
+        super().__init__()
+        self.db = nn.ParameterDict({name: nn.Parameter(torch.zeros(shape)) for name, shape in shapes.items()})
+
+    def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {"db": self.db[name], "alpha": torch.tensor(1.0)} for name in groups}
+
+
+def group_rdm(
+    outputs: Mapping[str, Mapping[str, torch.Tensor]],
+    groups: Mapping[str, GroupInputs],
+    generator: torch.Generator | None,
+    mu_target: float = 0.0,
+    sigma_target: float = 1.0,
+    num_projections: int = 2048,
+) -> torch.Tensor:
+    """Mean over groups of RDM(target encodings) + RDM(source encodings, padding excluded)."""
+    terms = []
+    for name, res in outputs.items():
+        if "z_target" not in res:
+            continue
+        z_t = res["z_target"].flatten(0, 1)
+        z_s = res["z_source"][groups[name].src_valid]
+        terms.append(rdm(z_t, mu_target, sigma_target, num_projections, generator)
+                     + rdm(z_s, mu_target, sigma_target, num_projections, generator))
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+def module_deltas(
+    outputs: Mapping[str, Mapping[str, torch.Tensor]], groups: Mapping[str, GroupInputs]
+) -> dict[str, torch.Tensor]:
+    """The scaled updates alpha_g * dB scattered into each module's full B shape (d_out, r); fused modules
+    collect the rows of every role they hold."""
+    deltas: dict[str, torch.Tensor] = {}
+    for name, g in groups.items():
+        db = outputs[name]["db"]
+        for i, (path, rows, d_out) in enumerate(zip(g.modules, g.rows, g.module_d_out)):
+            if len(rows) == d_out:
+                deltas[path] = db[i]
+                continue
+            base = deltas.get(path, db.new_zeros(d_out, g.rank))
+            deltas[path] = base.index_copy(0, torch.as_tensor(list(rows)), db[i])
+    return deltas
+
+
+def attention_mass(outputs: Mapping[str, Mapping[str, torch.Tensor]], groups: Mapping[str, GroupInputs],
+                   n_sources: int) -> dict[str, dict[int, list[float]]]:
+    """Per group and target layer: the attention mass each source received (mean over target tokens)."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for name, g in groups.items():
+        if "attention" not in outputs[name]:
+            continue
+        attn = outputs[name]["attention"].detach().mean(dim=1)  # (M, S)
+        owner = g.src_owner.clamp_min(0)
+        mass = torch.zeros(attn.shape[0], n_sources).scatter_add_(1, owner, attn * g.src_valid)
+        out[name] = {layer: mass[i].tolist() for i, layer in enumerate(g.layers)}
+    return out

@@ -1,0 +1,200 @@
+"""The fusion pipeline as plain steps, shared by the in-process runner and the Ray orchestration:
+open and align adapters, make candidates, assemble groups, size and build the transfer networks, tokenize
+the replay, train, export."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hetero_ray.adapters import LoraAdapter, file_sha256, read_adapter
+from hetero_ray.candidates import Candidate, source_candidates
+from hetero_ray.denoise.fusion import DirectDelta, FusionNet, GroupInputs, assemble_groups, attention_mass
+from hetero_ray.denoise.transfer_net import TransferNetConfig, auto_sizes
+from hetero_ray.export import export_fused_adapter, versions
+from hetero_ray.replay import Example, load_records, tokenize
+from hetero_ray.spec import FusionSpec
+from hetero_ray.topology.align import AlignmentPlan, plan_alignment
+from hetero_ray.topology.blocks import n_blocks
+from hetero_ray.topology.families import ModelDims, Topology, build_topology, detect_family, read_base_config
+
+
+def open_adapter(path: Path, family: str | None, base: Path | None, allow_pickle: bool, strict: bool
+                 ) -> tuple[LoraAdapter, Topology]:
+    adapter = read_adapter(path, allow_pickle=allow_pickle)
+    config = read_base_config(adapter, base)
+    fam = detect_family(adapter, config, family)
+    dims = ModelDims.from_config(config) if config else None
+    return adapter, build_topology(adapter, fam, dims, strict=strict)
+
+
+def open_target(spec: FusionSpec) -> tuple[LoraAdapter, Topology]:
+    t = spec.target
+    return open_adapter(t.adapter, t.family, t.base, spec.allow_pickle, strict=False)
+
+
+def open_source(spec: FusionSpec, index: int) -> tuple[LoraAdapter, Topology]:
+    s = spec.sources[index]
+    return open_adapter(s.adapter, s.family, s.base, spec.allow_pickle, strict=True)
+
+
+def align(spec: FusionSpec, target: Topology, sources: list[Topology]) -> AlignmentPlan:
+    ids = spec.source_ids()
+    return plan_alignment(target, list(zip(ids, sources)), spec.method.alignment, spec.method.transfer_ratio)
+
+
+def resolve_block_size(spec: FusionSpec, plan: AlignmentPlan) -> int:
+    if spec.method.block_size != "auto":
+        return int(spec.method.block_size)
+    widest = max((max(e.d_in, e.d_out) for e in plan.entries if e.feeds), default=1)
+    return auto_sizes(widest, 1)["block_size"]
+
+
+def sequence_lengths(plan: AlignmentPlan, block_size: int) -> dict[str, tuple[int, int]]:
+    """Per group: (target tokens per module, longest source sequence)."""
+    out: dict[str, tuple[int, int]] = {}
+    for name, entries in plan.groups().items():
+        t = n_blocks(entries[0].d_in, block_size) + n_blocks(entries[0].d_out, block_size)
+        s = max(sum(n_blocks(f.d_in, block_size) + n_blocks(f.d_out, block_size) for f in e.feeds) for e in entries)
+        out[name] = (t, s)
+    return out
+
+
+def net_configs(spec: FusionSpec, plan: AlignmentPlan, block_size: int) -> dict[str, TransferNetConfig]:
+    """One TransferNetConfig per group; "auto" sizes scale with the adapters (paper values at 8B)."""
+    lengths = sequence_lengths(plan, block_size)
+    auto = auto_sizes(block_size, max((max(v) for v in lengths.values()), default=1))
+    m = spec.method
+    pick = lambda v, k: auto[k] if v == "auto" else int(v)  # noqa: E731
+    embed = pick(m.embed_dim, "embed_dim")
+    heads = pick(m.num_heads, "num_heads") if m.num_heads != "auto" else max(1, math.gcd(embed, auto["num_heads"]))
+    return {
+        name: TransferNetConfig(block_size, entries[0].rank, embed, heads, pick(m.max_positions, "max_positions"),
+                                m.mu_gate)
+        for name, entries in plan.groups().items()
+    }
+
+
+def build_net(spec: FusionSpec, plan: AlignmentPlan, block_size: int, groups: dict[str, GroupInputs]
+              ) -> torch.nn.Module:
+    """The trained module, initialised from ``spec.seed``: FusionNet, or DirectDelta for replay_only."""
+    torch.manual_seed(spec.seed)
+    if spec.control == "replay_only":
+        return DirectDelta({n: (len(g.modules), g.d_out, g.rank) for n, g in groups.items()})
+    return FusionNet(net_configs(spec, plan, block_size), spec.method.alpha_init)
+
+
+def candidates_of(spec: FusionSpec, plan: AlignmentPlan, index: int, adapter: LoraAdapter, topo: Topology,
+                  block_size: int) -> Iterator[Candidate]:
+    control = spec.control if spec.control in ("zero_sources", "random_sources") else "none"
+    return source_candidates(plan, index, adapter, topo, block_size, control, spec.seed)
+
+
+def replay_examples(spec: FusionSpec, tokenizer) -> list[Example]:
+    records = [r for i, rs in enumerate(spec.replay) for r in load_records(rs.path, rs.take, spec.seed + i)]
+    return tokenize(tokenizer, records, spec.training.max_length)
+
+
+def load_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def input_hashes(spec: FusionSpec, target: LoraAdapter, sources: list[LoraAdapter]) -> dict:
+    base_cfg = spec.target.base / "config.json"
+    return {
+        "target_adapter": target.sha256(),
+        "target_base_config": file_sha256(base_cfg) if base_cfg.is_file() else None,
+        "sources": {sid: a.sha256() for sid, a in zip(spec.source_ids(), sources)},
+        "replay": {str(r.path): file_sha256(r.path) for r in spec.replay},
+    }
+
+
+@dataclass
+class FusionResult:
+    output: Path
+    history: list[dict]
+    plan: AlignmentPlan
+    deltas: dict[str, torch.Tensor] = field(repr=False)
+    report: dict = field(repr=False)
+
+
+def build_report(spec: FusionSpec, plan: AlignmentPlan, hashes: dict, history: list[dict], outputs: dict,
+                 groups: dict[str, GroupInputs], net_cfgs: dict, timings: dict) -> dict:
+    return {
+        "name": spec.resolved_name(),
+        "spec": spec.model_dump(mode="json"),
+        "inputs": hashes,
+        "versions": versions(),
+        "alignment": plan.to_dict(),
+        "transfer_nets": {n: c.to_dict() for n, c in net_cfgs.items()},
+        "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
+        "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
+        "attention_mass": attention_mass(outputs, groups, len(spec.sources)),
+        "history": history,
+        "timings_s": timings,
+    }
+
+
+def fusion_card(spec: FusionSpec, plan: AlignmentPlan, history: list[dict]) -> str:
+    lines = [
+        f"# {spec.resolved_name()}", "",
+        f"A LoRA adapter for `{spec.target.base.name}` fused by hetero-ray (HeteroFusion) from the target adapter "
+        f"`{spec.target.adapter.name}` and {len(spec.sources)} source(s) of other families.", "",
+        "| source | family | layers | aligned target layers |", "|---|---|---|---|",
+    ]
+    for s in plan.sources:
+        layers = sorted(s.layer_pairs)
+        span = f"{layers[0]}..{layers[-1]}" if layers else "none"
+        lines.append(f"| {s.source_id} | {s.family} | {s.n_layers} | {span} |")
+    if history:
+        lines += ["", f"Control: `{spec.control}`. Steps: {len(history)}. LM loss {history[0]['lm_loss']:.4f} "
+                  f"(first step) -> {history[-1]['lm_loss']:.4f} (last step)."]
+    lines += ["", "Provenance (input hashes, resolved spec, versions): `fusion_report.json`.", ""]
+    return "\n".join(lines)
+
+
+def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) -> FusionResult:
+    """The whole fusion in this process, without Ray or DeepSpeed (the reference for the distributed run)."""
+    from hetero_ray.target import load_target
+    from hetero_ray.trainer import FusionObjective, fit
+
+    timings = {}
+    t0 = time.perf_counter()
+    target, target_topo = open_target(spec)
+    sources = [open_source(spec, i) for i in range(len(spec.sources))]
+    plan = align(spec, target_topo, [t for _, t in sources])
+    block = resolve_block_size(spec, plan)
+    cands = [] if spec.control == "replay_only" else [
+        c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block)
+    ]
+    groups = assemble_groups(plan, target, target_topo, cands, block)
+    timings["align_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = load_target(spec.target.base, target)
+    tokenizer = load_tokenizer(spec.target.base)
+    examples = replay_examples(spec, tokenizer)
+    net = build_net(spec, plan, block, groups)
+    objective = FusionObjective(model, groups, spec.method, examples, tokenizer.pad_token_id,
+                                torch.Generator().manual_seed(spec.seed))
+    timings["setup_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    history = fit(net, objective, spec.training, spec.seed, on_step)
+    timings["train_s"] = time.perf_counter() - t0
+    deltas, outputs = objective.final_deltas(net)
+    cfgs = net_configs(spec, plan, block) if spec.control != "replay_only" else {}
+    report = build_report(spec, plan, input_hashes(spec, target, [a for a, _ in sources]), history, outputs,
+                          groups, cfgs, timings)
+    out = export_fused_adapter(spec.output, target, deltas, report, fusion_card(spec, plan, history),
+                               overwrite=spec.overwrite)
+    objective.patch.remove()
+    return FusionResult(out, history, plan, deltas, report)

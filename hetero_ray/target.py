@@ -1,0 +1,78 @@
+"""The frozen target: base causal LM + target LoRA adapter, and the additive delta on its LoRA path.
+
+The fused update is applied as an extra term on the LoRA path, s * (B_t + alpha dB) A_t x, through a forward
+hook on each ``lora_B`` module (its input is A_t x after dropout, and PEFT multiplies its output by s).
+No parameter is swapped or reassigned, so the same code is valid when the trained transfer networks are
+partitioned by DeepSpeed ZeRO-3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hetero_ray.adapters import LoraAdapter
+from hetero_ray.errors import AdapterError, HeteroRayError
+
+
+def load_base_model(base: str | Path, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local HF directory (config.json + weights); never downloads."""
+    from transformers import AutoModelForCausalLM
+
+    base = Path(base)
+    if not (base / "config.json").is_file():
+        raise HeteroRayError(f"{base}: not a local model directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, local_files_only=True)
+
+
+def load_target(base: str | Path, adapter: LoraAdapter, dtype: torch.dtype = torch.float32):
+    """Base model + target adapter, frozen and in eval mode. Every adapter module must exist in the base."""
+    from peft import PeftModel
+
+    model = load_base_model(base, dtype)
+    names = dict(model.named_modules())
+    for path, m in adapter.modules.items():
+        if path not in names:
+            raise AdapterError(adapter.weights_path, f"target module {path!r} is missing in the base model {base}",
+                               key=m.b_key)
+    model = PeftModel.from_pretrained(model, str(adapter.path), is_trainable=False, local_files_only=True)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class LoraDeltaPatch:
+    """Adds F.linear(A_t x, delta) to the output of selected ``lora_B`` modules; ``set`` swaps the deltas."""
+
+    def __init__(self, peft_model, module_paths: list[str], adapter_name: str = "default"):
+        inner = peft_model.base_model.model
+        self._deltas: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for path in module_paths:
+            layer = inner.get_submodule(path)
+            if not hasattr(layer, "lora_B") or adapter_name not in layer.lora_B:
+                raise HeteroRayError(f"module {path} has no LoRA adapter {adapter_name!r} in the target model")
+            self._handles.append(layer.lora_B[adapter_name].register_forward_hook(self._hook(path)))
+
+    def _hook(self, path: str):
+        def hook(module, args, output):
+            delta = self._deltas.get(path)
+            if delta is None:
+                return output
+            return output + F.linear(args[0], delta.to(args[0].dtype))
+
+        return hook
+
+    def set(self, deltas: Mapping[str, torch.Tensor]) -> None:
+        self._deltas = dict(deltas)
+
+    def clear(self) -> None:
+        self._deltas = {}
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

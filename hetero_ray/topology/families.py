@@ -1,0 +1,315 @@
+"""Model families as data: how each family names its LoRA-adapted modules and which canonical role each
+one plays (attention q/k/v/o, MLP gate/up/down). Adding a family is one :func:`register_family` call.
+
+Fused projections (Phi-3 ``qkv_proj`` and ``gate_up_proj``, GPT-2 ``c_attn``, GPT-NeoX
+``query_key_value``) are split by rows of B into roles; their A is shared by the roles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hetero_ray.adapters import LoraAdapter, LoraModule
+from hetero_ray.errors import FamilyError
+
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Attention geometry needed to split fused q/k/v rows (from the base model's config.json)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> ModelDims | None:
+        config = config.get("text_config") or config
+        hidden = config.get("hidden_size") or config.get("n_embd")
+        heads = config.get("num_attention_heads") or config.get("n_head")
+        if not hidden or not heads:
+            return None
+        kv = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        return cls(int(hidden), int(heads), int(kv), int(head_dim))
+
+
+Rows = range | tuple[int, ...]
+# (fused module's d_out, dims or None, d_in of the family's o projection in this layer or None) -> rows per role
+Splitter = Callable[[int, "ModelDims | None", "int | None"], dict[str, Rows]]
+
+
+def split_equal(roles: tuple[str, ...]) -> Splitter:
+    def split(d_out: int, dims: ModelDims | None, o_in: int | None) -> dict[str, Rows]:
+        if d_out % len(roles):
+            raise FamilyError(f"fused module with {d_out} rows cannot split equally into {roles}")
+        n = d_out // len(roles)
+        return {role: range(i * n, (i + 1) * n) for i, role in enumerate(roles)}
+
+    return split
+
+
+def split_qkv_contiguous(d_out: int, dims: ModelDims | None, o_in: int | None) -> dict[str, Rows]:
+    """Rows laid out [q; k; v] with q = heads*head_dim and k = v = kv_heads*head_dim (Phi-3, GPT-2)."""
+    if dims is not None:
+        q = dims.num_heads * dims.head_dim
+    elif o_in is not None:  # o_proj reads exactly the concatenated query heads
+        q = o_in
+    else:
+        raise FamilyError(
+            f"cannot split a fused qkv module of {d_out} rows: give the base model's config.json "
+            "(num_attention_heads, num_key_value_heads) or include o_proj in the adapter"
+        )
+    kv = (d_out - q) // 2
+    if kv <= 0 or q + 2 * kv != d_out:
+        raise FamilyError(f"fused qkv module has {d_out} rows, inconsistent with {q} query rows")
+    return {"q": range(0, q), "k": range(q, q + kv), "v": range(q + kv, d_out)}
+
+
+def split_qkv_interleaved(d_out: int, dims: ModelDims | None, o_in: int | None) -> dict[str, Rows]:
+    """GPT-NeoX layout: rows are (heads, 3, head_dim), q/k/v interleaved per head."""
+    if dims is None:
+        raise FamilyError("splitting GPT-NeoX query_key_value needs the base model's config.json (num_attention_heads)")
+    h, hd = dims.num_heads, d_out // (3 * dims.num_heads)
+    if h * 3 * hd != d_out:
+        raise FamilyError(f"query_key_value has {d_out} rows, not 3 * {h} heads * head_dim")
+    return {
+        role: tuple(head * 3 * hd + part * hd + j for head in range(h) for j in range(hd))
+        for part, role in enumerate(("q", "k", "v"))
+    }
+
+
+def _single(role: str) -> Splitter:
+    return lambda d_out, dims, o_in: {role: range(d_out)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: the regex that finds the layer index in a module path, and its modules' roles."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layer_pattern: str
+    modules: Mapping[str, Splitter]
+    name_hints: tuple[str, ...] = ()
+    o_module: str | None = None
+    _regex: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_regex", re.compile(self.layer_pattern))
+
+    def locate(self, module_path: str) -> tuple[int, str] | None:
+        """(layer index, module name within the layer) or None if the path is not inside a layer."""
+        m = self._regex.match(module_path)
+        return (int(m[1]), m[2]) if m else None
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise FamilyError(f"unknown family {name!r}; known families: {', '.join(sorted(FAMILIES))}") from None
+
+
+_DECODER_LAYERS = r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.(.+)$"
+_LLAMA_STYLE = {
+    "self_attn.q_proj": _single("q"),
+    "self_attn.k_proj": _single("k"),
+    "self_attn.v_proj": _single("v"),
+    "self_attn.o_proj": _single("o"),
+    "mlp.gate_proj": _single("gate"),
+    "mlp.up_proj": _single("up"),
+    "mlp.down_proj": _single("down"),
+}
+
+for _name, _types, _hints in (
+    ("llama", ("llama",), ("llama", "smollm", "tinyllama")),
+    ("qwen2", ("qwen2",), ("qwen2", "qwen")),
+    ("qwen3", ("qwen3",), ("qwen3",)),
+    ("mistral", ("mistral",), ("mistral",)),
+    ("gemma", ("gemma",), ("gemma-1", "gemma-7b", "gemma-2b")),
+    ("gemma2", ("gemma2",), ("gemma-2", "gemma2")),
+    ("gemma3", ("gemma3", "gemma3_text"), ("gemma-3", "gemma3")),
+):
+    register_family(Family(_name, _types, _DECODER_LAYERS, _LLAMA_STYLE, _hints, "self_attn.o_proj"))
+
+register_family(
+    Family(
+        "phi3",
+        ("phi3",),
+        _DECODER_LAYERS,
+        {
+            "self_attn.qkv_proj": split_qkv_contiguous,
+            "self_attn.o_proj": _single("o"),
+            "mlp.gate_up_proj": split_equal(("gate", "up")),
+            "mlp.down_proj": _single("down"),
+        },
+        ("phi-3", "phi3", "phi-4", "phi4"),
+        "self_attn.o_proj",
+    )
+)
+register_family(
+    Family(
+        "gpt2",
+        ("gpt2",),
+        r"^(?:transformer\.)?h\.(\d+)\.(.+)$",
+        {
+            "attn.c_attn": split_qkv_contiguous,
+            "attn.c_proj": _single("o"),
+            "mlp.c_fc": _single("up"),
+            "mlp.c_proj": _single("down"),
+        },
+        ("gpt2",),
+        "attn.c_proj",
+    )
+)
+register_family(
+    Family(
+        "gpt_neox",
+        ("gpt_neox",),
+        r"^(?:gpt_neox\.)?layers\.(\d+)\.(.+)$",
+        {
+            "attention.query_key_value": split_qkv_interleaved,
+            "attention.dense": _single("o"),
+            "mlp.dense_h_to_4h": _single("up"),
+            "mlp.dense_4h_to_h": _single("down"),
+        },
+        ("pythia", "gpt-neox", "gpt_neox"),
+        "attention.dense",
+    )
+)
+
+
+def read_base_config(adapter: LoraAdapter, base: str | Path | None = None) -> dict | None:
+    """The base model's config.json: from ``base`` (a directory or a config.json file), else from the
+    adapter's ``base_model_name_or_path`` when that is a local directory; None when neither exists."""
+    candidates = [Path(base)] if base else []
+    if adapter.base_model_path:
+        candidates.append(Path(adapter.base_model_path))
+    for c in candidates:
+        path = c / "config.json" if c.is_dir() else c
+        if path.is_file() and path.suffix == ".json":
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise FamilyError(f"{path}: invalid JSON: {e}") from e
+    return None
+
+
+def detect_family(adapter: LoraAdapter, base_config: Mapping | None = None, override: str | None = None) -> Family:
+    """The adapter's family: ``override`` if given, else the base config's model_type, else a hint in the
+    adapter's ``base_model_name_or_path``. Raises FamilyError listing what was found."""
+    if override:
+        return get_family(override)
+    model_type = None
+    if base_config:
+        model_type = base_config.get("model_type")
+        text_type = (base_config.get("text_config") or {}).get("model_type")
+        for family in FAMILIES.values():
+            if model_type in family.model_types or (text_type and text_type in family.model_types):
+                return family
+    name = (adapter.base_model_path or "").lower()
+    for family in FAMILIES.values():
+        if any(h in name for h in family.name_hints):
+            return family
+    sample = ", ".join(list(adapter.modules)[:3])
+    raise FamilyError(
+        f"{adapter.path}: cannot detect the model family (model_type={model_type!r}, "
+        f"base_model_name_or_path={adapter.base_model_path!r}, modules like {sample}); "
+        f"set `family:` to one of {', '.join(sorted(FAMILIES))}"
+    )
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One canonical (layer, role) of an adapter: a module and the rows of its B that play the role."""
+
+    layer: int
+    role: str
+    module: LoraModule
+    rows: Rows
+
+    @property
+    def d_out(self) -> int:
+        return len(self.rows)
+
+    @property
+    def fused(self) -> bool:
+        return len(self.rows) != self.module.d_out
+
+    def describe_rows(self) -> str:
+        if isinstance(self.rows, range):
+            return f"{self.rows.start}:{self.rows.stop}"
+        return f"{len(self.rows)} interleaved rows"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """An adapter seen through its family: canonical slots keyed by (layer, role)."""
+
+    family: Family
+    n_layers: int
+    slots: Mapping[tuple[int, str], Slot]
+    unmapped: tuple[str, ...]
+
+    def ranks(self) -> set[int]:
+        return {s.module.rank for s in self.slots.values()}
+
+
+def build_topology(
+    adapter: LoraAdapter, family: Family, dims: ModelDims | None = None, strict: bool = True
+) -> Topology:
+    """Map every LoRA module of ``adapter`` to canonical slots.
+
+    With ``strict`` (sources), a module that maps to no role is an error listing it and the family's known
+    module names; otherwise (targets) such modules are recorded in ``unmapped`` and left untouched.
+    """
+    located: dict[str, tuple[int, str]] = {}
+    unmapped: list[str] = []
+    for path in adapter.modules:
+        loc = family.locate(path)
+        if loc is None or loc[1] not in family.modules:
+            unmapped.append(path)
+        else:
+            located[path] = loc
+    if strict and unmapped:
+        raise FamilyError(
+            f"{adapter.weights_path}: {len(unmapped)} LoRA module(s) have no canonical role in family "
+            f"{family.name!r}: {', '.join(unmapped[:5])}{' ...' if len(unmapped) > 5 else ''}; "
+            f"known modules per layer: {', '.join(family.modules)}"
+        )
+    if not located:
+        raise FamilyError(
+            f"{adapter.weights_path}: no module matches family {family.name!r} "
+            f"(found {', '.join(list(adapter.modules)[:3])}); check `family:`"
+        )
+    o_in = {
+        layer: adapter.modules[p].d_in for p, (layer, name) in located.items() if name == family.o_module
+    }
+    slots: dict[tuple[int, str], Slot] = {}
+    for path, (layer, name) in located.items():
+        module = adapter.modules[path]
+        try:
+            rows_by_role = family.modules[name](module.d_out, dims, o_in.get(layer))
+        except FamilyError as e:
+            raise FamilyError(f"{adapter.weights_path} [{module.b_key}]: {e}") from None
+        for role, rows in rows_by_role.items():
+            slots[(layer, role)] = Slot(layer, role, module, rows)
+    n_layers = 1 + max(layer for layer, _ in slots)
+    return Topology(family, n_layers, dict(sorted(slots.items())), tuple(unmapped))

@@ -1,0 +1,143 @@
+"""The fusion objective and a single-process trainer. The distributed aggregator drives the same
+:class:`FusionObjective` under DeepSpeed; nothing here knows about Ray.
+
+dB changes only at optimizer steps, so it is computed once per accumulation window: the micro-batches
+back-propagate into a detached copy of each module's update (a leaf), and one surrogate backward
+sum(dB * grad_leaf) + lambda * RDM carries the summed gradient into the transfer networks. This is exactly
+the gradient of the accumulated loss, at one transfer-net forward and backward per window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero_ray.denoise.fusion import GroupInputs, group_rdm, module_deltas
+from hetero_ray.replay import IGNORE, Example, collate
+from hetero_ray.spec import MethodSpec, TrainingSpec
+from hetero_ray.target import LoraDeltaPatch
+
+
+def lm_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens; logits are computed only at the positions that
+    predict an answer token (not over the whole vocabulary at every position)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    positions = torch.nonzero((targets != IGNORE).any(dim=0)).flatten()
+    if positions.numel() == 0:
+        raise ValueError("a replay batch has no answer tokens")
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions)
+    logits = out.logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), targets[:, positions].flatten(), ignore_index=IGNORE)
+
+
+def plan_windows(
+    n_examples: int, training: TrainingSpec, seed: int, rank: int = 0, world: int = 1
+) -> list[list[list[int]]]:
+    """Optimizer steps as windows of micro-batches (lists of example indices), this worker's share.
+
+    Each epoch is a seeded permutation; a window holds ``grad_accum`` micro-batches globally, dealt
+    round-robin to ``world`` workers, so that 1 worker and N workers see the same data per step.
+    """
+    micro = []
+    for epoch in range(training.epochs):
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        micro += [order[i : i + training.batch_size] for i in range(0, n_examples, training.batch_size)]
+    windows = [micro[i : i + training.grad_accum] for i in range(0, len(micro), training.grad_accum)]
+    if training.max_steps:
+        windows = windows[: training.max_steps]
+    return [w[rank::world] for w in windows]
+
+
+class FusionObjective:
+    """LM loss of the patched target on replay micro-batches + lambda * RDM, one window at a time."""
+
+    def __init__(self, model, groups: Mapping[str, GroupInputs], method: MethodSpec,
+                 examples: Sequence[Example], pad_id: int, generator: torch.Generator):
+        self.model = model
+        self.groups = dict(groups)
+        self.method = method
+        self.examples = examples
+        self.pad_id = pad_id
+        self.generator = generator
+        modules = sorted({p for g in self.groups.values() for p in g.modules})
+        self.patch = LoraDeltaPatch(model, modules)
+
+    def window(self, net: nn.Module, micro_batches: Sequence[Sequence[int]],
+               world_micro: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Forward the net once, accumulate LM gradients over the micro-batches, return the surrogate loss
+        to back-propagate into ``net`` and this window's metrics. ``world_micro``: micro-batches in the
+        window across all workers (LM losses are averaged over it)."""
+        t0 = time.perf_counter()
+        outputs = net(self.groups)
+        deltas = module_deltas(outputs, self.groups)
+        leaves = {p: d.detach().requires_grad_(True) for p, d in deltas.items()}
+        t_net = time.perf_counter() - t0
+        self.patch.set(leaves)
+        denom = world_micro or max(len(micro_batches), 1)
+        lm_sum = 0.0
+        for idx in micro_batches:
+            loss = lm_loss(self.model, collate([self.examples[i] for i in idx], self.pad_id))
+            (loss / denom).backward()
+            lm_sum += loss.item()
+        self.patch.clear()
+        t1 = time.perf_counter()
+        reg = group_rdm(outputs, self.groups, self.generator, self.method.mu_target, self.method.sigma_target,
+                        self.method.num_projections) if self.method.lambda_reg > 0 else torch.zeros(())
+        surrogate = self.method.lambda_reg * reg
+        for p, d in deltas.items():
+            if leaves[p].grad is not None:
+                surrogate = surrogate + (d * leaves[p].grad).sum()
+        t_net += time.perf_counter() - t1
+        metrics = {
+            "lm_loss": lm_sum / max(len(micro_batches), 1),
+            "rdm": float(reg),
+            "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
+            "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
+            "time_net_s": t_net,
+            "time_target_s": time.perf_counter() - t0 - t_net,
+        }
+        return surrogate, metrics
+
+    @torch.no_grad()
+    def final_deltas(self, net: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+        outputs = net(self.groups)
+        return {p: d.detach().float() for p, d in module_deltas(outputs, self.groups).items()}, outputs
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to zero."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+
+
+def fit(
+    net: nn.Module,
+    objective: FusionObjective,
+    training: TrainingSpec,
+    seed: int,
+    on_step: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Train ``net`` in this process (torch AdamW, cosine schedule with warm-up); returns per-step metrics."""
+    windows = plan_windows(len(objective.examples), training, seed)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+    scheduler = cosine_schedule(optimizer, len(windows), training.warmup_ratio)
+    history = []
+    for step, window in enumerate(windows):
+        surrogate, metrics = objective.window(net, window)
+        surrogate.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0])
+        history.append(metrics)
+        if on_step:
+            on_step(metrics)
+    return history

@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from hetero_ray.adapters import read_adapter
+from hetero_ray.errors import FamilyError
+from hetero_ray.pipeline import open_adapter
+from hetero_ray.topology.align import head_map, layer_pairs, plan_alignment, tail_map, uniform_map
+from hetero_ray.topology.blocks import from_tokens, harmonize_rank, module_tokens, to_tokens
+from hetero_ray.topology.families import (
+    ModelDims,
+    build_topology,
+    detect_family,
+    get_family,
+    split_qkv_interleaved,
+)
+
+
+def test_layer_maps_match_hand_tables():
+    assert tail_map(4, 2) == {2: 0, 3: 1}
+    assert tail_map(4, 5) == {0: 1, 1: 2, 2: 3, 3: 4}
+    assert tail_map(3, 3) == {0: 0, 1: 1, 2: 2}
+    assert head_map(4, 2) == {0: 0, 1: 1}
+    assert head_map(3, 5) == {0: 0, 1: 1, 2: 2}
+    assert uniform_map(4, 2) == {0: 0, 1: 0, 2: 1, 3: 1}
+    assert uniform_map(3, 5) == {0: 0, 1: 2, 2: 4}
+    assert uniform_map(1, 3) == {0: 2}
+    assert layer_pairs(4, 4, "tail", 0.5) == {2: 2, 3: 3}
+    assert layer_pairs(4, 2, "tail", 0.5) == {3: 1}
+    assert layer_pairs(4, 4, "head", 0.25) == {3: 3}
+
+
+def test_detects_every_tiny_family(zoo):
+    for family in ["llama", "qwen2", "mistral", "gemma3", "phi3"]:
+        adapter, topo = open_adapter(zoo[f"{family}-lora"], None, None, False, True)
+        assert topo.family.name == family
+        assert {role for _, role in topo.slots} == {"q", "k", "v", "o", "gate", "up", "down"}
+
+
+def test_aligning_an_adapter_to_itself_is_identity(zoo):
+    adapter, topo = open_adapter(zoo["llama-lora"], None, None, False, False)
+    plan = plan_alignment(topo, [("self", topo)], "tail")
+    assert plan.unaligned == []
+    for entry in plan.entries:
+        (feed,) = entry.feeds
+        assert (feed.source_layer, feed.source_module, feed.harmonize) == (entry.layer, entry.module, "none")
+    from hetero_ray.candidates import slot_tensors, source_candidates
+
+    for c in source_candidates(plan, 0, adapter, topo, block_size=64):
+        a, b = slot_tensors(adapter, topo.slots[(c.target_layer, c.role)])
+        tokens, sigmas, _ = module_tokens(a, b, 64)
+        torch.testing.assert_close(c.tokens, tokens, rtol=0, atol=0)
+
+
+def test_tail_alignment_of_shallower_and_deeper_sources(zoo):
+    _, target = open_adapter(zoo["llama-lora"], None, None, False, False)  # 4 layers
+    srcs = [(f, open_adapter(zoo[f"{f}-lora"], None, None, False, True)[1]) for f in ("gemma3", "mistral")]
+    plan = plan_alignment(target, srcs, "tail")
+    gemma, mistral = plan.sources
+    assert gemma.layer_pairs == {2: 0, 3: 1} and mistral.layer_pairs == {0: 1, 1: 2, 2: 3, 3: 4}
+    q3 = next(e for e in plan.entries if (e.layer, e.role) == (3, "q"))
+    assert [(f.source_id, f.source_layer) for f in q3.feeds] == [("gemma3", 1), ("mistral", 4)]
+    assert [f.harmonize for f in q3.feeds] == ["none", "truncated"]  # mistral rank 8 -> target rank 4
+    assert set(plan.groups()) == {f"{r}_r4" for r in ("q", "k", "v", "o", "gate", "up", "down")}
+    roundtrip = type(plan).from_dict(plan.to_dict())
+    assert roundtrip.to_json() == plan.to_json()
+
+
+def test_phi3_fused_projections_split_and_recombine_exactly(zoo):
+    adapter, topo = open_adapter(zoo["phi3-lora"], None, None, False, True)
+    cfg = ModelDims(48, 4, 2, 12)
+    for layer in range(topo.n_layers):
+        qkv = topo.slots[(layer, "q")].module
+        assert qkv.path.endswith("qkv_proj")
+        a, b = adapter.module_tensors(qkv.path)
+        parts = [topo.slots[(layer, r)] for r in ("q", "k", "v")]
+        assert [p.d_out for p in parts] == [cfg.num_heads * cfg.head_dim, 24, 24]
+        assert all(p.module is qkv for p in parts)  # A shared
+        rebuilt = torch.cat([b[p.rows.start : p.rows.stop] for p in parts])
+        assert torch.equal(rebuilt, b)
+        gate, up = topo.slots[(layer, "gate")], topo.slots[(layer, "up")]
+        _, b2 = adapter.module_tensors(gate.module.path)
+        assert torch.equal(torch.cat([b2[gate.rows.start : gate.rows.stop], b2[up.rows.start : up.rows.stop]]), b2)
+    # without any config, q rows come from o_proj's input width: same split
+    topo2 = build_topology(adapter, get_family("phi3"), None)
+    assert topo2.slots[(0, "k")].rows == topo.slots[(0, "k")].rows
+
+
+def test_gpt_neox_interleaved_split_recombines():
+    dims = ModelDims(hidden_size=16, num_heads=4, num_kv_heads=4, head_dim=4)
+    rows = split_qkv_interleaved(48, dims, None)
+    b = torch.randn(48, 3)
+    parts = {r: b[list(idx)] for r, idx in rows.items()}
+    assert parts["q"].shape == (16, 3)
+    rebuilt = torch.zeros_like(b)
+    for r, idx in rows.items():
+        rebuilt[list(idx)] = parts[r]
+    assert torch.equal(rebuilt, b)
+    assert torch.equal(parts["k"][:4], b[4:8])  # head 0: q rows 0-3, k rows 4-7, v rows 8-11
+
+
+@pytest.mark.parametrize("src_rank", [1, 2, 4])
+def test_rank_harmonization_is_exact_up_to_target_rank(src_rank):
+    g = torch.Generator().manual_seed(src_rank)
+    a, b = torch.randn(src_rank, 40, generator=g), torch.randn(24, src_rank, generator=g)
+    a2, b2 = harmonize_rank(a, b, 4)
+    assert a2.shape == (4, 40) and b2.shape == (24, 4)
+    torch.testing.assert_close(b2 @ a2, b @ a, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_harmonization_truncates_to_best_approximation():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 40, generator=g), torch.randn(24, 8, generator=g)
+    a2, b2 = harmonize_rank(a, b, 3)
+    w = (b @ a).double()
+    s = torch.linalg.svdvals(w)
+    err = torch.linalg.matrix_norm(w - (b2 @ a2).double())
+    torch.testing.assert_close(err, s[3:].square().sum().sqrt(), rtol=1e-4, atol=1e-4)
+
+
+def test_blocking_pads_and_inverts():
+    m = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+    t = to_tokens(m, 4)
+    assert t.shape == (3, 12)
+    assert torch.equal(t[-1, 6:], torch.zeros(6))  # two zero rows of padding
+    assert torch.equal(from_tokens(t, 10, 3), m)
+
+
+def test_unknown_family_and_unmappable_key_are_clear_errors(zoo, tmp_path):
+    adapter = read_adapter(zoo["qwen2-lora"])
+    with pytest.raises(FamilyError, match="unknown family 'falcon'.*known families: .*gemma3"):
+        detect_family(adapter, None, "falcon")
+    adapter.config["base_model_name_or_path"] = "some/unknown-model"
+    with pytest.raises(FamilyError, match="cannot detect the model family.*set `family:`"):
+        detect_family(adapter, None, None)
+    with pytest.raises(FamilyError, match="no canonical role in family 'gpt2'|no module matches family 'gpt2'"):
+        build_topology(adapter, get_family("gpt2"))
