@@ -45,7 +45,8 @@ def open_source(spec: FusionSpec, index: int) -> tuple[LoraAdapter, Topology]:
 
 def align(spec: FusionSpec, target: Topology, sources: list[Topology]) -> AlignmentPlan:
     ids = spec.source_ids()
-    return plan_alignment(target, list(zip(ids, sources)), spec.method.alignment, spec.method.transfer_ratio)
+    pairs = list(zip(ids, sources, strict=True))
+    return plan_alignment(target, pairs, spec.method.alignment, spec.method.transfer_ratio)
 
 
 def resolve_block_size(spec: FusionSpec, plan: AlignmentPlan) -> int:
@@ -114,7 +115,7 @@ def input_hashes(spec: FusionSpec, target: LoraAdapter, sources: list[LoraAdapte
     return {
         "target_adapter": target.sha256(),
         "target_base_config": file_sha256(base_cfg) if base_cfg.is_file() else None,
-        "sources": {sid: a.sha256() for sid, a in zip(spec.source_ids(), sources)},
+        "sources": {sid: a.sha256() for sid, a in zip(spec.source_ids(), sources, strict=True)},
         "replay": {str(r.path): file_sha256(r.path) for r in spec.replay},
     }
 
@@ -174,7 +175,7 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
     sources = [open_source(spec, i) for i in range(len(spec.sources))]
     plan = align(spec, target_topo, [t for _, t in sources])
     block = resolve_block_size(spec, plan)
-    cands = [] if spec.control == "replay_only" else [
+    cands = None if spec.control == "replay_only" else [
         c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block)
     ]
     groups = assemble_groups(plan, target, target_topo, cands, block)

@@ -31,8 +31,10 @@ TINY_FAMILIES: dict[str, tuple[str, dict, list[str]]] = {
 }
 LLAMA_STYLE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-_CORPUS_WORDS = ("the a movie actor director restaurant price car color red blue green genre year title "
-                 "city name extract entity type answer text option none person location organization").split()
+_CORPUS_WORDS = (
+    "the a movie actor director restaurant price car color red blue green genre year title "
+    "city name extract entity type answer text option none person location organization"
+).split()
 
 
 def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 384, seed: int = 0):

@@ -96,7 +96,7 @@ class FusionObjective:
         t_net += time.perf_counter() - t1
         metrics = {
             "lm_loss": lm_sum / max(len(micro_batches), 1),
-            "rdm": float(reg),
+            "rdm": float(reg.detach()),
             "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
             "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
             "time_net_s": t_net,

@@ -43,7 +43,7 @@ def make_spec(zoo: dict[str, Path], out: Path, sources=("qwen2", "mistral", "gem
         "sources": [{"adapter": str(zoo[f"{f}-lora"])} for f in sources],
         "replay": [{"path": str(zoo["replay"])}],
         "method": {"num_projections": 64},
-        "training": {"epochs": 2, "lr": 1e-3, "grad_accum": 4, "batch_size": 2, "max_length": 64},
+        "training": {"epochs": 3, "lr": 3e-3, "grad_accum": 4, "batch_size": 2, "max_length": 64},
         "cluster": {"workers": 1, "zero_stage": 0},
     }
     for key, value in overrides.items():

@@ -47,12 +47,13 @@ def assemble_groups(
     plan: AlignmentPlan,
     target: LoraAdapter,
     target_topology: Topology,
-    candidates: Iterable[Candidate],
+    candidates: Iterable[Candidate] | None,
     block_size: int,
 ) -> dict[str, GroupInputs]:
-    """Build every group's inputs from the target adapter and the (unordered) candidate stream."""
+    """Build every group's inputs from the target adapter and the (unordered) candidate stream.
+    ``candidates=None`` builds target-only groups with empty source sequences (the replay_only control)."""
     by_slot: dict[tuple[str, int], list[Candidate]] = defaultdict(list)
-    for c in candidates:
+    for c in candidates or ():
         by_slot[(c.group, c.target_layer)].append(c)
     groups = {}
     for name, entries in plan.groups().items():
@@ -64,7 +65,7 @@ def assemble_groups(
             a, b = slot_tensors(target, target_topology.slots[(e.layer, e.role)])
             tgt.append(module_tokens(a.float(), b.float(), block_size))
             cands = sorted(by_slot.get((name, e.layer), []), key=lambda c: c.source)
-            expected = sorted(f.source for f in e.feeds)
+            expected = sorted(f.source for f in e.feeds) if candidates is not None else []
             if [c.source for c in cands] != expected:
                 raise HeteroRayError(
                     f"group {name} layer {e.layer}: candidates from sources {[c.source for c in cands]}, "
@@ -77,7 +78,7 @@ def assemble_groups(
 
 def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
     m = len(entries)
-    s_max = max(sum(c.tokens.shape[0] for c in cands) for cands in src)
+    s_max = max(sum(c.tokens.shape[0] for c in cands) for cands in src)  # 0 without sources
     d_flat, rank = tgt[0][0].shape[1], tgt[0][1].shape[1]
     src_tokens = torch.zeros(m, s_max, d_flat)
     src_sigmas = torch.zeros(m, s_max, rank)
@@ -111,7 +112,8 @@ class FusionNet(nn.Module):
         self.alphas = nn.ParameterDict({name: nn.Parameter(torch.tensor(float(alpha_init))) for name in configs})
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
-        """Per group: ``db`` = alpha_g * dB (M, d_out, r) and the net's diagnostics (attention, z_target, z_source, ...)."""
+        """Per group: ``db`` = alpha_g * dB (M, d_out, r) and the net's diagnostics (attention, z_target,
+        z_source, gate_open, alpha)."""
         out = {}
         for name, g in groups.items():
             res = self.nets[name](*g.net_inputs())
@@ -163,7 +165,7 @@ def module_deltas(
     deltas: dict[str, torch.Tensor] = {}
     for name, g in groups.items():
         db = outputs[name]["db"]
-        for i, (path, rows, d_out) in enumerate(zip(g.modules, g.rows, g.module_d_out)):
+        for i, (path, rows, d_out) in enumerate(zip(g.modules, g.rows, g.module_d_out, strict=True)):
             if len(rows) == d_out:
                 deltas[path] = db[i]
                 continue

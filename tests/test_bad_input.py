@@ -1,0 +1,150 @@
+"""Bad input: a clear error naming the file and the key, and nothing left where the output goes."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hetero_ray.adapters import WEIGHTS_NAME, read_adapter
+from hetero_ray.candidates import candidates_from_arrow, candidates_to_arrow
+from hetero_ray.errors import AdapterError, FamilyError, HeteroRayError, SpecError
+from hetero_ray.pipeline import align, candidates_of, fuse_local, open_source, open_target
+from hetero_ray.spec import load_spec
+from tests.conftest import make_spec
+
+
+def _copy(zoo, name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(zoo[name], dst)
+    return dst
+
+
+def _rewrite(adapter_dir, fn):
+    path = adapter_dir / WEIGHTS_NAME
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path))
+
+
+def _fails(zoo, tmp_path, source_dir, match, exc=AdapterError, **kw):
+    spec = make_spec(zoo, tmp_path / "out", **kw)
+    spec = spec.model_copy(update={"sources": [spec.sources[0].model_copy(update={"adapter": source_dir})]})
+    with pytest.raises(exc, match=match):
+        fuse_local(spec)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_corrupt_safetensors(zoo, tmp_path):
+    bad = _copy(zoo, "qwen2-lora", tmp_path)
+    (bad / WEIGHTS_NAME).write_bytes(b"\x00\x01garbage" * 10)
+    _fails(zoo, tmp_path, bad, rf"{bad}/{WEIGHTS_NAME}: not a valid safetensors file")
+
+
+def test_nan_and_inf_tensors(zoo, tmp_path):
+    bad = _copy(zoo, "qwen2-lora", tmp_path)
+    key = "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
+    _rewrite(bad, lambda t: t[key].view(-1).__setitem__(3, float("nan")))
+    _fails(zoo, tmp_path, bad, rf"{WEIGHTS_NAME} \[{key}\]: 1 non-finite values")
+
+
+def test_missing_lora_partner(zoo, tmp_path):
+    bad = _copy(zoo, "qwen2-lora", tmp_path)
+    key = "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"
+    _rewrite(bad, lambda t: t.pop(key))
+    _fails(zoo, tmp_path, bad, r"\[base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight\]: lora_A has no "
+           "lora_B partner")
+
+
+def test_unknown_family_override(zoo, tmp_path):
+    spec = make_spec(zoo, tmp_path / "out")
+    spec = spec.model_copy(update={"sources": [spec.sources[0].model_copy(update={"family": "falcon"})]})
+    with pytest.raises(FamilyError, match="unknown family 'falcon'"):
+        fuse_local(spec)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickled_adapter_refused_unless_opted_in(zoo, tmp_path):
+    bad = _copy(zoo, "qwen2-lora", tmp_path)
+    torch.save(load_file(str(bad / WEIGHTS_NAME)), bad / "adapter_model.bin")
+    (bad / WEIGHTS_NAME).unlink()
+    with pytest.raises(AdapterError, match=r"adapter_model.bin: pickled weights are refused.*allow_pickle"):
+        read_adapter(bad)
+    opened = read_adapter(bad, allow_pickle=True)
+    safe = read_adapter(zoo["qwen2-lora"])
+    assert opened.shapes == safe.shapes
+    key = next(iter(safe.shapes))
+    assert torch.equal(opened.tensor(key), safe.tensor(key))
+
+
+def test_target_module_missing_in_base_model(zoo, tmp_path):
+    bad = _copy(zoo, "llama-lora", tmp_path)
+    old = "base_model.model.model.layers.3.mlp.up_proj.lora_B.weight"
+
+    def rename(t):
+        for ab in "AB":
+            key = old.replace("lora_B", f"lora_{ab}")
+            t[key.replace("layers.3", "layers.7")] = t.pop(key)
+
+    _rewrite(bad, rename)
+    spec = make_spec(zoo, tmp_path / "out", target={"base": str(zoo["llama-base"]), "adapter": str(bad)})
+    with pytest.raises(AdapterError, match=r"layers.7.mlp.up_proj.lora_B.weight\]: target module "
+                       r"'model.layers.7.mlp.up_proj' is missing in the base model"):
+        fuse_local(spec)
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_while_writing_leaves_nothing(zoo, tmp_path, monkeypatch):
+    import hetero_ray.export as export
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_adapter", broken)
+    spec = make_spec(zoo, tmp_path / "out", **{"training.max_steps": 1})
+    with pytest.raises(OSError, match="disk full"):
+        fuse_local(spec)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_overwritten(zoo, tmp_path):
+    (tmp_path / "out").mkdir()
+    spec = make_spec(zoo, tmp_path / "out", **{"training.max_steps": 1})
+    with pytest.raises(HeteroRayError, match="already exists"):
+        fuse_local(spec)
+
+
+def test_spec_errors_name_the_field(zoo, tmp_path):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(
+        f"output: out\ntarget: {{base: {zoo['llama-base']}, adapter: {zoo['llama-lora']}}}\n"
+        f"sources: [{{adapter: {zoo['qwen2-lora']}}}]\nreplay: [{{path: {zoo['replay']}}}]\n"
+        "training: {epochs: 0, lr: fast}\nmethod: {blok_size: 4}\n"
+    )
+    with pytest.raises(SpecError) as err:
+        load_spec(spec_file)
+    msg = str(err.value)
+    assert str(spec_file) in msg
+    for field in ("training.epochs", "training.lr", "method.blok_size"):
+        assert field in msg
+    spec_file.write_text(
+        f"output: out\ntarget: {{base: {zoo['llama-base']}, adapter: missing-dir}}\n"
+        f"sources: [{{adapter: {zoo['qwen2-lora']}}}]\nreplay: [{{path: {zoo['replay']}}}]\n"
+    )
+    with pytest.raises(SpecError, match=r"target.adapter: .*missing-dir does not exist"):
+        load_spec(spec_file)
+
+
+def test_candidates_round_trip_through_arrow_exactly(zoo, tmp_path):
+    spec = make_spec(zoo, tmp_path / "o")
+    _, ttopo = open_target(spec)
+    srcs = [open_source(spec, i) for i in range(3)]
+    plan = align(spec, ttopo, [t for _, t in srcs])
+    cands = [c for i, (a, t) in enumerate(srcs) for c in candidates_of(spec, plan, i, a, t, 64)]
+    back = candidates_from_arrow(candidates_to_arrow(cands))
+    assert len(back) == len(cands) > 0
+    for x, y in zip(cands, back, strict=True):
+        assert (x.group, x.target_module, x.source_id, x.source_layer, x.n_a_blocks) == (
+            y.group, y.target_module, y.source_id, y.source_layer, y.n_a_blocks)
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.sigmas, y.sigmas)
