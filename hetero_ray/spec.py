@@ -71,6 +71,7 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(1, gt=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_length: int = Field(512, gt=8)
+    max_grad_norm: float | None = Field(None, gt=0, description="clip the global gradient norm (default: no clipping)")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
 
 

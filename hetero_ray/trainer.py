@@ -133,6 +133,8 @@ def fit(
     for step, window in enumerate(windows):
         surrogate, metrics = objective.window(net, window)
         surrogate.backward()
+        if training.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -64,7 +64,9 @@ def test_forward_matches_the_equations():
 
 def test_zero_initialised_decoder_gives_zero_update():
     torch.manual_seed(1)
-    net = TransferNet(TransferNetConfig(block_size=8, rank=2, embed_dim=16, num_heads=2, max_positions=8))
+    cfg = TransferNetConfig(block_size=8, rank=2, embed_dim=16, num_heads=2, max_positions=8)
+    net = TransferNet(cfg)
+    assert sum(p.numel() for p in net.parameters()) == cfg.num_parameters()
     out = net(torch.randn(2, 2, 16), torch.rand(2, 2, 2), torch.randn(2, 3, 16), torch.rand(2, 3, 2),
               torch.ones(2, 3, dtype=torch.bool))
     assert torch.count_nonzero(out["delta"]) == 0
@@ -74,6 +76,7 @@ def test_paper_preset_parameter_count():
     """About 110M parameters per group at b=4096, r=8, d=1024 (3 b r d dominates): method.md."""
     cfg = TransferNetConfig.paper(rank=8)
     n = sum(p.numel() for p in TransferNet(cfg).parameters())
+    assert n == cfg.num_parameters()
     assert abs(n - 110.5e6) / 110.5e6 < 0.02
     assert auto_sizes(4096, 4)["block_size"] == 4096 and auto_sizes(4096, 4)["embed_dim"] == 1024
 

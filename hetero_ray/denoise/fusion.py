@@ -109,7 +109,7 @@ class FusionNet(nn.Module):
     def __init__(self, configs: Mapping[str, TransferNetConfig], alpha_init: float = 0.3):
         super().__init__()
         self.nets = nn.ModuleDict({name: TransferNet(cfg) for name, cfg in configs.items()})
-        self.alphas = nn.ParameterDict({name: nn.Parameter(torch.tensor(float(alpha_init))) for name in configs})
+        self.alphas = nn.ParameterDict({name: nn.Parameter(torch.full((1,), float(alpha_init))) for name in configs})
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
         """Per group: ``db`` = alpha_g * dB (M, d_out, r) and the net's diagnostics (attention, z_target,
@@ -134,7 +134,7 @@ class DirectDelta(nn.Module):
         self.db = nn.ParameterDict({name: nn.Parameter(torch.zeros(shape)) for name, shape in shapes.items()})
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: {"db": self.db[name], "alpha": torch.tensor(1.0)} for name in groups}
+        return {name: {"db": self.db[name], "alpha": torch.ones(1)} for name in groups}
 
 
 def group_rdm(

@@ -32,6 +32,14 @@ class TransferNetConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def num_parameters(self) -> int:
+        """Parameter count of a TransferNet with this config, computed without building it."""
+        big, d, q = self.block_size * self.rank, self.embed_dim, self.embed_dim // 4
+        encoder = 2 * big + 2 * (big * d + d) + (self.rank * q + q) + (q * d + d) + 2 * d
+        attention = 4 * (d * d + d)
+        decoder = (d * d + d) + (d * big + big)
+        return encoder + self.max_positions * d + attention + decoder
+
 
 def auto_sizes(max_rows: int, max_tokens: int) -> dict[str, int]:
     """Sizes that scale with the adapters: the paper's values at 4096-wide modules, smaller below.
@@ -131,8 +139,9 @@ class TransferNet(nn.Module):
         """Returns ``delta`` (M, T, D) one output token per target token, ``attention`` (M, T, S),
         ``z_target`` (M, T, d) and ``z_source`` (M, S, d) encoder outputs, ``gate_open`` (fraction of
         gate entries > 0 over valid tokens)."""
-        z_t, g_t = self.encoder(tgt_tokens, tgt_sigmas)
-        z_s, g_s = self.encoder(src_tokens, src_sigmas)
+        dtype = self.positions.weight.dtype  # fp32, or bf16 under DeepSpeed's bf16 mode
+        z_t, g_t = self.encoder(tgt_tokens.to(dtype), tgt_sigmas.to(dtype))
+        z_s, g_s = self.encoder(src_tokens.to(dtype), src_sigmas.to(dtype))
         context, attn = self.attention(self._with_positions(z_t), self._with_positions(z_s), src_valid)
         gates = torch.cat([g_t.flatten(0, 1), g_s[src_valid]])
         return {

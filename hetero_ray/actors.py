@@ -1,0 +1,41 @@
+"""FamilyActor: one Ray actor per source model family. It opens that family's adapters lazily, aligns
+them to the target topology with the method core and returns their update candidates as Arrow tables."""
+
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import ray
+
+from hetero_ray.candidates import candidates_to_arrow
+from hetero_ray.faults import maybe_fail
+from hetero_ray.pipeline import candidates_of, open_source
+from hetero_ray.spec import FusionSpec
+from hetero_ray.topology.align import AlignmentPlan
+
+
+@ray.remote(max_restarts=3, max_task_retries=3)
+class FamilyActor:
+    """Aligns every source of one family; a restarted actor redoes its work with identical results
+    (everything it computes is a deterministic function of the spec)."""
+
+    def __init__(self, spec: dict, family: str, plan: dict, block_size: int, fault: str | None = None):
+        self.spec = FusionSpec.model_validate(spec)
+        self.family = family
+        self.plan = AlignmentPlan.from_dict(plan)
+        self.block_size = block_size
+        self.fault = fault
+
+    def align(self, source: int, layers: list[int]) -> pa.Table:
+        """Candidates of source ``source`` for the target layers ``layers`` (one bounded chunk)."""
+        t0 = time.perf_counter()
+        adapter, topo = open_source(self.spec, source)
+        if topo.family.name != self.family:
+            raise ValueError(f"source {source} is {topo.family.name}, this actor aligns {self.family}")
+        wanted = set(layers)
+        cands = [c for c in candidates_of(self.spec, self.plan, source, adapter, topo, self.block_size)
+                 if c.target_layer in wanted]
+        maybe_fail(self.fault, "actor")
+        table = candidates_to_arrow(cands)
+        return table.replace_schema_metadata({"seconds": f"{time.perf_counter() - t0:.6f}"})

@@ -1,0 +1,169 @@
+"""The aggregator: a Ray Train (V2) worker loop that trains the transfer networks under DeepSpeed ZeRO.
+
+Every worker builds the frozen target and the same seeded FusionNet, wraps the net with
+``deepspeed.initialize`` (ZeRO stage 0/1/2/3; torch AdamW; fp32 or bf16), reads the whole candidate set
+and the whole tokenized replay, and takes its round-robin share of each accumulation window, so a run with
+N workers follows the same optimizer trajectory as one worker. Metrics are reported every step, DeepSpeed
+checkpoints every epoch; a restarted worker group or a re-run of the same spec resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+FINAL_DELTAS = "final_deltas.safetensors"
+FINAL_STATE = "final_state.json"
+TRAIN_STATE = "train_state.json"
+
+
+def deepspeed_config(zero_stage: int, dtype: str, max_grad_norm: float | None = None) -> dict:
+    return {
+        # explicit: DeepSpeed's own default clips at 1.0, which the in-process reference would not do
+        "gradient_clipping": max_grad_norm or 0.0,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,  # accumulation is the objective's window, not DeepSpeed's
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def partition_numel(module: torch.nn.Module) -> int:
+    """Parameters held by this rank: its ZeRO-3 partition, or every parameter below stage 3."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
+
+
+def _read_candidates():
+    import ray.train
+
+    from hetero_ray.candidates import candidates_from_arrow
+
+    shard = ray.train.get_dataset_shard("candidates")
+    return [c for t in shard.iter_batches(batch_format="pyarrow", batch_size=None) for c in candidates_from_arrow(t)]
+
+
+def _read_replay():
+    import ray.train
+
+    from hetero_ray.replay import Example
+
+    shard = ray.train.get_dataset_shard("replay")
+    rows = [r for b in shard.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+    rows.sort(key=lambda r: r["index"])
+    return [Example(list(r["input_ids"]), list(r["labels"])) for r in rows]
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point; ``config`` holds the resolved spec, the alignment plan and the block size."""
+    from hetero_ray.spec import FusionSpec
+
+    spec = FusionSpec.model_validate(config["spec"])
+    if not spec.cluster.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    from safetensors.torch import save_file
+
+    from hetero_ray.adapters import read_adapter
+    from hetero_ray.denoise.fusion import assemble_groups, attention_mass
+    from hetero_ray.faults import maybe_fail
+    from hetero_ray.pipeline import build_net, open_target
+    from hetero_ray.target import load_target
+    from hetero_ray.topology.align import AlignmentPlan
+    from hetero_ray.trainer import FusionObjective, cosine_schedule, plan_windows
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan = AlignmentPlan.from_dict(config["plan"])
+    block = config["block_size"]
+    t0 = time.perf_counter()
+    target, ttopo = open_target(spec)
+    cands = None if spec.control == "replay_only" else _read_candidates()
+    groups = assemble_groups(plan, target, ttopo, cands, block)
+    examples = _read_replay()
+    model = load_target(spec.target.base, read_adapter(spec.target.adapter))
+    net = build_net(spec, plan, block, groups)
+    windows = plan_windows(len(examples), spec.training, spec.seed, rank, world)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.training.lr, weight_decay=spec.training.weight_decay)
+    scheduler = cosine_schedule(optimizer, len(windows), spec.training.warmup_ratio)
+    engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(spec.cluster.zero_stage, spec.cluster.dtype,
+                                                              spec.training.max_grad_norm),
+                                      dist_init_required=False)
+    # the same RDM draws on every rank: averaged over ranks they equal the single-worker estimate
+    generator = torch.Generator().manual_seed(spec.seed)
+    objective = FusionObjective(model, groups, spec.method, examples, config["pad_id"], generator)
+    setup_s = time.perf_counter() - t0
+
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            engine.load_checkpoint(d, tag="ds")
+            state = json.loads((Path(d) / TRAIN_STATE).read_text())
+            start, history = state["step"], state["history"]
+            generator.set_state(torch.load(Path(d) / f"rng_rank{rank}.pt"))
+
+    per_epoch = max(1, math.ceil(len(windows) / spec.training.epochs))
+    for step in range(start, len(windows)):
+        maybe_fail(config.get("fault"), "worker", step)
+        surrogate, metrics = objective.window(engine, windows[step])
+        engine.backward(surrogate)
+        engine.step()
+        metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], rank=rank)
+        history.append(metrics)
+        done = step + 1
+        if done % per_epoch == 0 or done == len(windows):
+            _report_checkpoint(engine, generator, rank, done, history, metrics)
+        else:
+            ray.train.report(_flat(metrics))
+
+    deltas, outputs = objective.final_deltas(engine)
+    with tempfile.TemporaryDirectory() as d:
+        state = {"rank": rank, "partition_numel": partition_numel(engine.module),
+                 "total_numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                    for p in engine.module.parameters())}
+        (Path(d) / f"partition_rank{rank}.json").write_text(json.dumps(state))
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in deltas.items()}, str(Path(d) / FINAL_DELTAS))
+            final = {
+                "history": history,
+                "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
+                "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
+                "attention_mass": attention_mass(outputs, groups, len(spec.sources)),
+                "setup_s": setup_s,
+            }
+            (Path(d) / FINAL_STATE).write_text(json.dumps(final))
+        ray.train.report({"final": 1, "step": len(windows)}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name="final")
+    objective.patch.remove()
+
+
+def _flat(metrics: dict) -> dict:
+    out = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{g}": x for g, x in v.items()})
+    return out
+
+
+def _report_checkpoint(engine, generator, rank, step, history, metrics) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        engine.save_checkpoint(d, tag="ds")
+        torch.save(generator.get_state(), Path(d) / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (Path(d) / TRAIN_STATE).write_text(json.dumps({"step": step, "history": history}))
+        ray.train.report(_flat(metrics), checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"step_{step:06d}")

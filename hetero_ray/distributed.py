@@ -1,0 +1,232 @@
+"""The distributed fusion: FamilyActors -> Ray Data -> DeepSpeed aggregator on Ray Train -> writer.
+
+Inputs (adapters, base model, replay files) must be readable at the same paths from every node (a shared
+filesystem); run state and checkpoints go to ``cluster.storage`` (a local path or any pyarrow filesystem URI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+
+from hetero_ray.actors import FamilyActor
+from hetero_ray.adapters import read_adapter
+from hetero_ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
+from hetero_ray.candidates import CANDIDATE_SCHEMA
+from hetero_ray.errors import HeteroRayError
+from hetero_ray.export import export_fused_adapter
+from hetero_ray.faults import fault_spec
+from hetero_ray.progress import train_callback
+from hetero_ray.pipeline import (
+    FusionResult,
+    align,
+    build_report,
+    fusion_card,
+    input_hashes,
+    load_tokenizer,
+    net_configs,
+    open_source,
+    open_target,
+    resolve_block_size,
+)
+from hetero_ray.replay import load_records, tokenize
+from hetero_ray.spec import FusionSpec
+from hetero_ray.topology.align import AlignmentPlan
+
+LAYERS_PER_TASK = 8
+WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` (or RAY_ADDRESS); else start a local Ray instance with enough
+    logical CPUs that the train workers, the actors and Ray Data tasks cannot starve each other."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/hetero-ray/torch_extensions"))
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False,
+                 _node_ip_address="127.0.0.1")
+
+
+def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None):
+    """One FamilyActor per family present; every (source, chunk of target layers) is one actor task.
+    Returns the candidate Dataset, materialized once in the object store, and per-family timings."""
+    import ray
+
+    families: dict[str, list[int]] = {}
+    for s in plan.sources:
+        families.setdefault(s.family, []).append(s.index)
+    actors = {
+        fam: FamilyActor.options(num_cpus=0.5).remote(spec.model_dump(mode="json"), fam, plan.to_dict(), block,
+                                                      fault_spec())
+        for fam in families
+    }
+    refs = []
+    for fam, indices in families.items():
+        for i in indices:
+            layers = sorted(plan.sources[i].layer_pairs)
+            for k in range(0, len(layers), LAYERS_PER_TASK):
+                refs.append(actors[fam].align.remote(i, layers[k : k + LAYERS_PER_TASK]))
+    pending, done = list(refs), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # surfaces an alignment error at once
+        done += 1
+        if on_progress:
+            on_progress({"stage": "align", "done": done, "total": len(refs)})
+    ds = ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(CANDIDATE_SCHEMA.empty_table())
+    ds = ds.materialize()
+    for actor in actors.values():
+        ray.kill(actor)
+    return ds
+
+
+def replay_dataset(spec: FusionSpec, tokenizer):
+    """The replay records, tokenized with the target's tokenizer and chat template in Ray Data."""
+    import ray
+
+    records = [r for i, rs in enumerate(spec.replay) for r in load_records(rs.path, rs.take, spec.seed + i)]
+    rows = [{"index": i, "record": json.dumps(r)} for i, r in enumerate(records)]
+    base, max_length = str(spec.target.base), spec.training.max_length
+
+    def tokenize_batch(batch: pa.Table) -> pa.Table:
+        tok = load_tokenizer(Path(base))
+        examples = tokenize(tok, [json.loads(r) for r in batch.column("record").to_pylist()], max_length)
+        return pa.table({
+            "index": batch.column("index"),
+            "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int64())),
+            "labels": pa.array([e.labels for e in examples], pa.list_(pa.int64())),
+        })
+
+    # few blocks: each task loads the tokenizer, which costs more than tokenizing a few hundred records
+    blocks = max(1, min(8, len(rows) // 512))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    return ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.5).materialize()
+
+
+def _storage(spec: FusionSpec) -> tuple[pafs.FileSystem, str]:
+    storage = spec.cluster.storage
+    if "://" in storage:
+        return pafs.FileSystem.from_uri(storage)
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    return pafs.LocalFileSystem(), str(Path(storage).resolve())
+
+
+def run_digest(spec: FusionSpec) -> str:
+    """What identifies a run's training: the spec without where the result is written."""
+    return spec.model_copy(update={"output": Path("/"), "overwrite": False}).digest()
+
+
+def claim_run(fs: pafs.FileSystem, run_dir: str, spec: FusionSpec) -> bool:
+    """Record this spec in the run directory, or check it matches the recorded one. Returns True when the
+    run has already finished (its final checkpoint exists), so training can be skipped."""
+    fs.create_dir(run_dir, recursive=True)
+    marker = f"{run_dir}/hetero_ray_run.json"
+    digest = run_digest(spec)
+    if fs.get_file_info(marker).type == pafs.FileType.File:
+        with fs.open_input_stream(marker) as f:
+            recorded = json.loads(f.read())["digest"]
+        if recorded != digest:
+            raise HeteroRayError(f"{run_dir}: a run named {spec.resolved_name()!r} with a different spec exists; "
+                                 "set another `name:` or remove that directory")
+    else:
+        with fs.open_output_stream(marker) as f:
+            f.write(json.dumps({"digest": digest, "spec": spec.model_dump(mode="json")}).encode())
+    return fs.get_file_info(f"{run_dir}/final/{FINAL_STATE}").type == pafs.FileType.File
+
+
+def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[dict], None] | None = None
+         ) -> FusionResult:
+    """Run the whole fusion on Ray (starting a local instance when no cluster is given). Re-running the
+    same spec resumes its run by name: from the latest checkpoint, or straight to writing when finished."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    spec.check_files()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    target, ttopo = open_target(spec)
+    sources = [open_source(spec, i) for i in range(len(spec.sources))]  # headers only: shapes and families
+    plan = align(spec, ttopo, [t for _, t in sources])
+    block = resolve_block_size(spec, plan)
+    tokenizer = load_tokenizer(spec.target.base)
+    fs, root = _storage(spec)
+    name = spec.resolved_name()
+    finished = claim_run(fs, f"{root}/{name}", spec)
+    timings["plan_s"] = time.perf_counter() - t0
+    if finished:
+        from ray.train import Checkpoint
+
+        final = Checkpoint(path=f"{root}/{name}/final", filesystem=fs)
+        return _write(spec, plan, block, target, sources, final, {**timings, "train_s": 0.0, "align_s": 0.0})
+    ensure_ray(address)
+
+    t0 = time.perf_counter()
+    if spec.control == "replay_only":
+        import ray
+
+        candidates = ray.data.from_arrow(CANDIDATE_SCHEMA.empty_table())
+    else:
+        candidates = align_sources(spec, plan, block, on_progress)
+    timings["align_s"] = time.perf_counter() - t0
+    replay = replay_dataset(spec, tokenizer)
+
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "plan": plan.to_dict(), "block_size": block,
+                           "pad_id": tokenizer.pad_token_id, "fault": fault_spec()},
+        torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=spec.cluster.workers, use_gpu=spec.cluster.use_gpu,
+                                               resources_per_worker={"CPU": spec.cluster.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=spec.cluster.storage if "://" in spec.cluster.storage
+                                       else root, failure_config=ray.train.FailureConfig(max_failures=3),
+                                       callbacks=[train_callback()]),
+        datasets={"candidates": candidates, "replay": replay},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    timings["train_s"] = time.perf_counter() - t0
+    if result.checkpoint is None:
+        raise HeteroRayError(f"run {name}: training finished without a final checkpoint")
+    return _write(spec, plan, block, target, sources, result.checkpoint, timings)
+
+
+def _write(spec, plan, block, target, sources, checkpoint, timings) -> FusionResult:
+    from safetensors.torch import load_file
+
+    with checkpoint.as_directory() as d:
+        d = Path(d)
+        deltas = load_file(str(d / FINAL_DELTAS))
+        final = json.loads((d / FINAL_STATE).read_text())
+        partitions = sorted((json.loads(p.read_text()) for p in d.glob("partition_rank*.json")),
+                            key=lambda s: s["rank"])
+    cfgs = net_configs(spec, plan, block) if spec.control != "replay_only" else {}
+    outputs = {g: {"alpha": torch.tensor(a), **({"gate_open": torch.tensor(final["gate_open"][g])}
+                                                 if g in final["gate_open"] else {})}
+               for g, a in final["alpha"].items()}
+    timings["setup_s"] = final["setup_s"]
+    report = build_report(spec, plan, input_hashes(spec, read_adapter(spec.target.adapter), [a for a, _ in sources]),
+                          final["history"], outputs, {}, cfgs, timings)
+    report["attention_mass"] = final["attention_mass"]
+    report["zero"] = {"stage": spec.cluster.zero_stage, "workers": spec.cluster.workers, "partitions": partitions,
+                      "transfer_net_params": sum(c.num_parameters() for c in cfgs.values())}
+    out = export_fused_adapter(spec.output, target, deltas, report, fusion_card(spec, plan, final["history"]),
+                               overwrite=spec.overwrite)
+    return FusionResult(out, final["history"], plan, deltas, report)
+

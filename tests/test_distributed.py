@@ -1,0 +1,178 @@
+"""The distributed pipeline on a local Ray instance shared by this module: FamilyActors -> Ray Data ->
+DeepSpeed aggregator on Ray Train -> writer."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hetero_ray.client import FusionClient
+from hetero_ray.pipeline import fuse_local
+from tests.conftest import make_spec
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_OVERRIDES = {"cluster.workers": 2, "cluster.zero_stage": 3, "cluster.cpus_per_worker": 1}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from hetero_ray.distributed import ensure_ray
+
+    ensure_ray(num_cpus=8)
+    yield
+    ray.shutdown()
+
+
+def _spec(zoo, tmp, name, **kw):
+    return make_spec(zoo, tmp / name, name=name, **{**SPEC_OVERRIDES, "cluster.storage": str(tmp / "runs"), **kw})
+
+
+def _tensors(path):
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def _max_diff(a, b):
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(zoo, ray_local, tmp_path_factory):
+    from hetero_ray.distributed import fuse
+
+    tmp = tmp_path_factory.mktemp("dist")
+    spec = _spec(zoo, tmp, "zero3")
+    return spec, fuse(spec)
+
+
+def test_end_to_end_zero3_two_workers(zoo, zero3_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec, result = zero3_run
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(spec.target.base)), str(result.output))
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] > 0
+    losses = [h["lm_loss"] for h in result.history]
+    assert sum(losses[-2:]) < 0.92 * sum(losses[:2]), losses
+    report = json.loads((result.output / "fusion_report.json").read_text())
+    sources = {s["source_id"]: s for s in report["alignment"]["sources"]}
+    assert set(sources) == {"qwen2-lora", "mistral-lora", "gemma3-lora"}
+    assert {k: sorted(map(int, v["layer_pairs"])) for k, v in sources.items()} == {
+        "qwen2-lora": [1, 2, 3], "mistral-lora": [0, 1, 2, 3], "gemma3-lora": [2, 3]}
+    parts = report["zero"]["partitions"]
+    assert [p["rank"] for p in parts] == [0, 1]
+    total = report["zero"]["transfer_net_params"]
+    for p in parts:  # ZeRO-3: each worker holds about half of the transfer-net parameters
+        assert 0.45 < p["partition_numel"] / total < 0.55
+    assert set(report["attention_mass"]) == set(report["alpha"])
+
+
+def test_one_worker_zero0_matches_two_workers_zero3(zoo, zero3_run, tmp_path):
+    """Same spec and seed: 1 worker ZeRO-0 vs 2 workers ZeRO-3, and the in-process reference. The only
+    differences are float summation orders (micro-batch gradients summed per worker, then all-reduced)."""
+    from hetero_ray.distributed import fuse
+
+    spec, two = zero3_run
+    one = fuse(spec.model_copy(update={"output": tmp_path / "one",
+                                       "cluster": spec.cluster.model_copy(update={"workers": 1, "zero_stage": 0}),
+                                       "name": "zero0"}))
+    local = fuse_local(spec.model_copy(update={"output": tmp_path / "local"}))
+    a, b, c = _tensors(two.output), _tensors(one.output), _tensors(local.output)
+    scale = max(float(v.abs().max()) for v in a.values())
+    assert _max_diff(a, b) < 1e-4 * scale, _max_diff(a, b)
+    assert _max_diff(b, c) < 1e-4 * scale, _max_diff(b, c)
+    torch.testing.assert_close([h["lm_loss"] for h in one.history], [h["lm_loss"] for h in local.history],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_of_a_finished_spec_resumes_instead_of_retraining(zoo, zero3_run, tmp_path):
+    from hetero_ray.distributed import fuse
+
+    spec, first = zero3_run
+    t0 = time.perf_counter()
+    again = fuse(spec.model_copy(update={"output": tmp_path / "again"}))
+    assert len(again.history) == len(first.history)
+    assert _max_diff(_tensors(first.output), _tensors(again.output)) == 0.0
+    assert again.report["timings_s"]["train_s"] < 0.5 * first.report["timings_s"]["train_s"] + 30
+    assert time.perf_counter() - t0 < 120
+
+
+@pytest.mark.parametrize("point", ["actor", "worker"])
+def test_killed_actor_or_worker_still_gives_the_undisturbed_output(zoo, zero3_run, tmp_path, monkeypatch, point):
+    from hetero_ray.distributed import fuse
+
+    spec, undisturbed = zero3_run
+    marker = tmp_path / "fault-happened"
+    monkeypatch.setenv("HETERO_RAY_FAULT", f"{point}:{marker}" + (":4" if point == "worker" else ""))
+    result = fuse(spec.model_copy(update={"output": tmp_path / "out", "name": f"fault-{point}"}))
+    assert marker.exists()  # the fault did happen
+    assert _max_diff(_tensors(undisturbed.output), _tensors(result.output)) < 1e-6
+    assert [h["step"] for h in result.history] == list(range(1, len(undisturbed.history) + 1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    """A separate head started with `ray start --head` on 127.0.0.1, stopped by its own processes only."""
+    temp = Path(f"/tmp/hr-{os.getpid()}")  # short: Ray's socket paths must stay under 107 characters
+    port, dash, *agent = (_free_port() for _ in range(6))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DS_ACCELERATOR": "cpu"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8",
+                    f"--temp-dir={temp}", "--disable-usage-stats",
+                    # own agent ports: another Ray instance on this host holds the defaults
+                    f"--dashboard-agent-listen-port={agent[0]}", f"--dashboard-agent-grpc-port={agent[1]}",
+                    f"--runtime-env-agent-port={agent[2]}", f"--metrics-export-port={agent[3]}"],
+                   check=True, env=env, capture_output=True)
+    yield f"http://127.0.0.1:{dash}", env, ray_bin
+    subprocess.run(["pkill", "-f", str(temp)], check=False)
+    time.sleep(2)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_produces_the_same_adapter(zoo, zero3_run, tmp_path, ray_head):
+    import yaml
+
+    address, env, ray_bin = ray_head
+    spec, reference = zero3_run
+    data = spec.model_dump(mode="json")
+    data.update(output=str(tmp_path / "job-out"), name="job")
+    data["cluster"]["storage"] = str(tmp_path / "runs")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    job_id, deadline = None, time.monotonic() + 60
+    while job_id is None:  # right after start the job agent may answer "No available agent"
+        proc = subprocess.run([ray_bin, "job", "submit", "--address", address, "--no-wait", "--working-dir",
+                               str(ROOT), "--", "python", "jobs/fuse.py", str(spec_file)],
+                              env=env, capture_output=True, text=True)
+        found = re.search(r"(raysubmit_\w+)", proc.stdout + proc.stderr)
+        if found:
+            job_id = found.group(1)
+        elif time.monotonic() > deadline:
+            pytest.fail(proc.stdout + proc.stderr)
+        else:
+            time.sleep(3)
+    client = FusionClient(address)
+    assert client.wait(job_id, timeout_s=900) == "SUCCEEDED", "\n".join(client.logs(job_id))
+    out = client.result(job_id)
+    assert out.adapter == tmp_path / "job-out" and out.report.is_file()
+    assert _max_diff(_tensors(reference.output), _tensors(out.adapter)) < 1e-6
+    status = client.status(job_id)
+    assert status["status"] == "SUCCEEDED" and status["progress"] is not None
