@@ -73,7 +73,9 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     other_keys: list[str]
     pickled: bool = False
+    config_only: bool = False
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _handle: object = field(default=None, repr=False)
 
     @property
     def scaling(self) -> float:
@@ -91,18 +93,24 @@ class LoraAdapter:
             return self._cache[key]
         if key not in self.shapes:
             raise AdapterError(self.weights_path, "no such tensor", key=key)
+        if self.config_only:
+            raise AdapterError(self.path, "planned from adapter_config.json alone: it has no weights", key=key)
         if self.pickled:
             t = self._load_pickled()[key]
         else:
             try:
-                with safe_open(str(self.weights_path), framework="pt") as f:
-                    t = f.get_tensor(key)
+                if self._handle is None:  # one memory-mapped handle for all reads of this file
+                    self._handle = safe_open(str(self.weights_path), framework="pt")
+                t = self._handle.get_tensor(key)
             except (SafetensorError, OSError, ValueError) as e:
                 raise AdapterError(self.weights_path, f"cannot read tensor: {e}", key=key) from e
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise AdapterError(self.weights_path, f"{bad} non-finite values (NaN/Inf)", key=key)
         return t
+
+    def __getstate__(self) -> dict:  # the file handle does not travel between processes
+        return {**self.__dict__, "_handle": None}
 
     def module_tensors(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of a module in PEFT shapes: A is (r, d_in), B is (d_out, r)."""
@@ -202,6 +210,20 @@ def _pair_modules(weights: Path, shapes: Mapping[str, tuple[int, ...]]) -> tuple
     if not modules:
         raise AdapterError(weights, "no lora_A/lora_B tensors found")
     return modules, other
+
+
+def config_only_adapter(path: str | Path, module_shapes: Mapping[str, tuple[int, int]]) -> LoraAdapter:
+    """An adapter described by its adapter_config.json alone (rank, target modules) with module shapes
+    (d_in, d_out) taken from the base model's config: enough to plan and size a fusion, not to run one."""
+    path = Path(path)
+    config = json.loads((path / CONFIG_NAME).read_text())
+    r = int(config.get("r", 8))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module, (d_in, d_out) in module_shapes.items():
+        shapes[f"base_model.model.{module}.lora_A.weight"] = (r, d_in)
+        shapes[f"base_model.model.{module}.lora_B.weight"] = (d_out, r)
+    modules, other = _pair_modules(path / CONFIG_NAME, shapes)
+    return LoraAdapter(path, config, path / CONFIG_NAME, shapes, modules, other, config_only=True)
 
 
 @contextlib.contextmanager

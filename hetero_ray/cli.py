@@ -77,6 +77,22 @@ def fuse(spec: Path, address: str | None, no_ray: bool, **kwargs) -> None:
 
 
 @cli.command()
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the full report as JSON")
+@spec_flags
+def check(spec: Path, as_json: bool, **kwargs) -> None:
+    """Validate SPEC and its inputs; print the plan, sizes and memory per worker, without training."""
+    from hetero_ray.check import check as run_check
+    from hetero_ray.check import format_check
+    from hetero_ray.spec import load_spec
+
+    overrides = collect_overrides(kwargs)
+    overrides.setdefault("overwrite", True)  # checking writes nothing; an existing output is no error here
+    report = run_check(load_spec(spec, overrides))
+    click.echo(json.dumps(report, indent=2) if as_json else format_check(report))
+
+
+@cli.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--family", default=None, help="override the detected family")
 @click.option("--base", type=click.Path(path_type=Path), default=None, help="base model dir or config.json")

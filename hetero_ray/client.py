@@ -67,8 +67,7 @@ class FusionClient:
             yield from lines[seen:]
             seen = len(lines)
             if str(self._jobs.get_job_status(job_id).value) in TERMINAL:
-                for line in self._jobs.get_job_logs(job_id).splitlines()[seen:]:
-                    yield line
+                yield from self._jobs.get_job_logs(job_id).splitlines()[seen:]
                 return
             time.sleep(poll_s)
 

@@ -23,7 +23,6 @@ from hetero_ray.candidates import CANDIDATE_SCHEMA
 from hetero_ray.errors import HeteroRayError
 from hetero_ray.export import export_fused_adapter
 from hetero_ray.faults import fault_spec
-from hetero_ray.progress import train_callback
 from hetero_ray.pipeline import (
     FusionResult,
     align,
@@ -36,6 +35,7 @@ from hetero_ray.pipeline import (
     open_target,
     resolve_block_size,
 )
+from hetero_ray.progress import train_callback
 from hetero_ray.replay import load_records, tokenize
 from hetero_ray.spec import FusionSpec
 from hetero_ray.topology.align import AlignmentPlan

@@ -15,7 +15,7 @@ import torch
 from hetero_ray.adapters import LoraAdapter, file_sha256, read_adapter
 from hetero_ray.candidates import Candidate, source_candidates
 from hetero_ray.denoise.fusion import DirectDelta, FusionNet, GroupInputs, assemble_groups, attention_mass
-from hetero_ray.denoise.transfer_net import TransferNetConfig, auto_sizes
+from hetero_ray.denoise.transfer_net import PAPER, TransferNetConfig, auto_sizes
 from hetero_ray.export import export_fused_adapter, versions
 from hetero_ray.replay import Example, load_records, tokenize
 from hetero_ray.spec import FusionSpec
@@ -52,6 +52,8 @@ def align(spec: FusionSpec, target: Topology, sources: list[Topology]) -> Alignm
 def resolve_block_size(spec: FusionSpec, plan: AlignmentPlan) -> int:
     if spec.method.block_size != "auto":
         return int(spec.method.block_size)
+    if spec.method.preset == "paper":
+        return PAPER["block_size"]
     widest = max((max(e.d_in, e.d_out) for e in plan.entries if e.feeds), default=1)
     return auto_sizes(widest, 1)["block_size"]
 
@@ -70,6 +72,8 @@ def net_configs(spec: FusionSpec, plan: AlignmentPlan, block_size: int) -> dict[
     """One TransferNetConfig per group; "auto" sizes scale with the adapters (paper values at 8B)."""
     lengths = sequence_lengths(plan, block_size)
     auto = auto_sizes(block_size, max((max(v) for v in lengths.values()), default=1))
+    if spec.method.preset == "paper":
+        auto = dict(PAPER)
     m = spec.method
     pick = lambda v, k: auto[k] if v == "auto" else int(v)  # noqa: E731
     embed = pick(m.embed_dim, "embed_dim")

@@ -49,6 +49,8 @@ class ReplaySpec(_Strict):
 class MethodSpec(_Strict):
     """The HeteroFusion hyper-parameters; defaults are the paper's, sizes scale with the adapters."""
 
+    preset: Literal["auto", "paper"] = Field("auto", description="auto: sizes scale with the adapters; paper: "
+                                             "block 4096, width 1024, 8 heads, 4096 positions")
     alignment: str = "tail"
     transfer_ratio: float = Field(1.0, gt=0, le=1)
     block_size: int | Auto = "auto"

@@ -99,6 +99,9 @@ class Family:
     modules: Mapping[str, Splitter]
     name_hints: tuple[str, ...] = ()
     o_module: str | None = None
+    # (base config) -> {module name within a layer: (d_in, d_out)}; enables planning from configs alone
+    shapes: Callable[[Mapping], dict[str, tuple[int, int]]] | None = None
+    module_template: str = "model.layers.{layer}.{module}"
     _regex: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +130,28 @@ def get_family(name: str) -> Family:
         raise FamilyError(f"unknown family {name!r}; known families: {', '.join(sorted(FAMILIES))}") from None
 
 
+def _geometry(config: Mapping) -> tuple[int, int, int, int]:
+    config = config.get("text_config") or config
+    dims = ModelDims.from_config(config)
+    if dims is None or "intermediate_size" not in config:
+        raise FamilyError("config needs hidden_size, num_attention_heads and intermediate_size")
+    q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+    return dims.hidden_size, q, kv, config["intermediate_size"]
+
+
+def llama_style_shapes(config: Mapping) -> dict[str, tuple[int, int]]:
+    h, q, kv, inter = _geometry(config)
+    return {"self_attn.q_proj": (h, q), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (q, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
+            "mlp.down_proj": (inter, h)}
+
+
+def phi3_shapes(config: Mapping) -> dict[str, tuple[int, int]]:
+    h, q, kv, inter = _geometry(config)
+    return {"self_attn.qkv_proj": (h, q + 2 * kv), "self_attn.o_proj": (q, h), "mlp.gate_up_proj": (h, 2 * inter),
+            "mlp.down_proj": (inter, h)}
+
+
 _DECODER_LAYERS = r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.(.+)$"
 _LLAMA_STYLE = {
     "self_attn.q_proj": _single("q"),
@@ -147,7 +172,8 @@ for _name, _types, _hints in (
     ("gemma2", ("gemma2",), ("gemma-2", "gemma2")),
     ("gemma3", ("gemma3", "gemma3_text"), ("gemma-3", "gemma3")),
 ):
-    register_family(Family(_name, _types, _DECODER_LAYERS, _LLAMA_STYLE, _hints, "self_attn.o_proj"))
+    register_family(Family(_name, _types, _DECODER_LAYERS, _LLAMA_STYLE, _hints, "self_attn.o_proj",
+                           llama_style_shapes))
 
 register_family(
     Family(
@@ -162,6 +188,7 @@ register_family(
         },
         ("phi-3", "phi3", "phi-4", "phi4"),
         "self_attn.o_proj",
+        phi3_shapes,
     )
 )
 register_family(
