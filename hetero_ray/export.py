@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from hetero_ray.adapters import AdapterError, LoraAdapter, atomic_output_dir, write_adapter
+from hetero_ray.plots import write_plots
 
 REPORT_NAME = "fusion_report.json"
 
@@ -60,4 +61,5 @@ def export_fused_adapter(
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
         if card:
             (tmp / "README.md").write_text(card)
+        write_plots(dict(report), tmp)
     return Path(out_dir)

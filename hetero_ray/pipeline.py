@@ -164,7 +164,8 @@ def fusion_card(spec: FusionSpec, plan: AlignmentPlan, history: list[dict]) -> s
     if history:
         lines += ["", f"Control: `{spec.control}`. Steps: {len(history)}. LM loss {history[0]['lm_loss']:.4f} "
                   f"(first step) -> {history[-1]['lm_loss']:.4f} (last step)."]
-    lines += ["", "Provenance (input hashes, resolved spec, versions): `fusion_report.json`.", ""]
+    lines += ["", "Provenance (input hashes, resolved spec, versions): `fusion_report.json`.", "",
+              "![loss](loss.png) ![alpha](alpha.png) ![attention mass](attention_mass.png)", ""]
     return "\n".join(lines)
 
 

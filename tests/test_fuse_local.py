@@ -112,6 +112,11 @@ def test_training_lowers_loss_and_export_matches_patched_model(zoo, fused_run):
     assert {s["source_id"] for s in report["alignment"]["sources"]} == set(report["inputs"]["sources"])
     assert report["versions"]["torch"].startswith("2.")
     assert (result.output / "README.md").read_text().startswith("# fusion-")
+    from hetero_ray.plots import PLOTS
+
+    for name in PLOTS:  # non-empty PNGs
+        assert (result.output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (result.output / name).stat().st_size > 2000
 
 
 def test_same_seed_same_output(zoo, fused_run, tmp_path):
