@@ -73,7 +73,6 @@ def train_loop(config: dict) -> None:
     import ray.train
     from safetensors.torch import save_file
 
-    from hetero_ray.adapters import read_adapter
     from hetero_ray.denoise.fusion import assemble_groups, attention_mass
     from hetero_ray.faults import maybe_fail
     from hetero_ray.pipeline import build_net, open_target
@@ -90,7 +89,7 @@ def train_loop(config: dict) -> None:
     cands = None if spec.control == "replay_only" else _read_candidates()
     groups = assemble_groups(plan, target, ttopo, cands, block)
     examples = _read_replay()
-    model = load_target(spec.target.base, read_adapter(spec.target.adapter))
+    model = load_target(spec.target.base, target)
     net = build_net(spec, plan, block, groups)
     windows = plan_windows(len(examples), spec.training, spec.seed, rank, world)
     params = [p for p in net.parameters() if p.requires_grad]

@@ -17,7 +17,6 @@ import pyarrow.fs as pafs
 import torch
 
 from hetero_ray.actors import FamilyActor
-from hetero_ray.adapters import read_adapter
 from hetero_ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
 from hetero_ray.candidates import CANDIDATE_SCHEMA
 from hetero_ray.errors import HeteroRayError
@@ -65,7 +64,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None):
     """One FamilyActor per family present; every (source, chunk of target layers) is one actor task.
-    Returns the candidate Dataset, materialized once in the object store, and per-family timings."""
+    Returns the candidate Dataset, materialized once in the object store."""
     import ray
 
     families: dict[str, list[int]] = {}
@@ -221,7 +220,7 @@ def _write(spec, plan, block, target, sources, checkpoint, timings) -> FusionRes
                                                  if g in final["gate_open"] else {})}
                for g, a in final["alpha"].items()}
     timings["setup_s"] = final["setup_s"]
-    report = build_report(spec, plan, input_hashes(spec, read_adapter(spec.target.adapter), [a for a, _ in sources]),
+    report = build_report(spec, plan, input_hashes(spec, target, [a for a, _ in sources]),
                           final["history"], outputs, {}, cfgs, timings)
     report["attention_mass"] = final["attention_mass"]
     report["zero"] = {"stage": spec.cluster.zero_stage, "workers": spec.cluster.workers, "partitions": partitions,
