@@ -70,6 +70,7 @@ def train_loop(config: dict) -> None:
     if not spec.cluster.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+    import ray
     import ray.train
     from safetensors.torch import save_file
 
@@ -129,7 +130,8 @@ def train_loop(config: dict) -> None:
 
     deltas, outputs = objective.final_deltas(engine)
     with tempfile.TemporaryDirectory() as d:
-        state = {"rank": rank, "partition_numel": partition_numel(engine.module),
+        state = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                 "partition_numel": partition_numel(engine.module),
                  "total_numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                     for p in engine.module.parameters())}
         (Path(d) / f"partition_rank{rank}.json").write_text(json.dumps(state))

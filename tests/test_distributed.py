@@ -147,14 +147,13 @@ def ray_head(tmp_path_factory):
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_produces_the_same_adapter(zoo, zero3_run, tmp_path, ray_head):
+def _submit(address, env, ray_bin, spec, tmp_path, **cluster):
+    """Write ``spec`` (with a fresh output and storage) to a file and submit jobs/fuse.py on it."""
     import yaml
 
-    address, env, ray_bin = ray_head
-    spec, reference = zero3_run
     data = spec.model_dump(mode="json")
     data.update(output=str(tmp_path / "job-out"), name="job")
-    data["cluster"]["storage"] = str(tmp_path / "runs")
+    data["cluster"].update(storage=str(tmp_path / "runs"), **cluster)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(data))
     job_id, deadline = None, time.monotonic() + 60
@@ -169,6 +168,13 @@ def test_ray_job_submit_produces_the_same_adapter(zoo, zero3_run, tmp_path, ray_
             pytest.fail(proc.stdout + proc.stderr)
         else:
             time.sleep(3)
+    return job_id
+
+
+def test_ray_job_submit_produces_the_same_adapter(zoo, zero3_run, tmp_path, ray_head):
+    address, env, ray_bin = ray_head
+    spec, reference = zero3_run
+    job_id = _submit(address, env, ray_bin, spec, tmp_path)
     client = FusionClient(address)
     assert client.wait(job_id, timeout_s=900) == "SUCCEEDED", "\n".join(client.logs(job_id))
     out = client.result(job_id)
@@ -176,3 +182,34 @@ def test_ray_job_submit_produces_the_same_adapter(zoo, zero3_run, tmp_path, ray_
     assert _max_diff(_tensors(reference.output), _tensors(out.adapter)) < 1e-6
     status = client.status(job_id)
     assert status["status"] == "SUCCEEDED" and status["progress"] is not None
+
+
+@pytest.fixture
+def local_cluster():
+    """cluster/local_cluster.sh: a head with 1 CPU and two worker nodes with 2 CPUs each, on this host."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env.update(HR_CLUSTER_DIR=f"/tmp/hrc-{os.getpid()}", HR_PORT=str(20000 + port % 20000),
+               HR_DASHBOARD_PORT=str(_free_port()), HR_HEAD_CPUS="1", HR_CPUS_PER_NODE="2",
+               RAY_BIN=str(Path(sys.executable).parent / "ray"), DS_ACCELERATOR="cpu")
+    script = str(ROOT / "cluster" / "local_cluster.sh")
+    subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
+    subprocess.run(["bash", script, "start", "2"], env=env, check=True, capture_output=True, timeout=120)
+    yield f"http://127.0.0.1:{env['HR_DASHBOARD_PORT']}", env
+    subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
+
+
+def test_multi_node_cluster_runs_one_worker_per_node_and_gives_the_same_adapter(zoo, zero3_run, tmp_path,
+                                                                                 local_cluster):
+    """Each Train worker asks for 2 CPUs, which only a worker node has: the two ZeRO-3 ranks run on two
+    different nodes, and the fused adapter is the one a single node gives."""
+    address, env = local_cluster
+    spec, reference = zero3_run
+    job_id = _submit(address, env, env["RAY_BIN"], spec, tmp_path, cpus_per_worker=2.0)
+    client = FusionClient(address)
+    assert client.wait(job_id, timeout_s=900) == "SUCCEEDED", "\n".join(client.logs(job_id))
+    out = client.result(job_id)
+    report = json.loads(out.report.read_text())
+    nodes = {p["node_id"] for p in report["zero"]["partitions"]}
+    assert len(nodes) == 2
+    assert _max_diff(_tensors(reference.output), _tensors(out.adapter)) < 1e-6
