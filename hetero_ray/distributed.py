@@ -34,7 +34,7 @@ from hetero_ray.pipeline import (
     open_target,
     resolve_block_size,
 )
-from hetero_ray.progress import train_callback
+from hetero_ray.progress import progress_sink, train_callback
 from hetero_ray.replay import load_records, tokenize
 from hetero_ray.spec import FusionSpec
 from hetero_ray.topology.align import AlignmentPlan
@@ -47,6 +47,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or RAY_ADDRESS); else start a local Ray instance with enough
     logical CPUs that the train workers, the actors and Ray Data tasks cannot starve each other."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
@@ -60,6 +61,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False,
                  _node_ip_address="127.0.0.1")
+    # hetero-ray reports its own progress (HETERO_RAY_PROGRESS lines and terminal bars); Ray Data's per-dataset
+    # bars from every worker would bury them
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None):
@@ -75,19 +79,25 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
                                                       fault_spec())
         for fam in families
     }
-    refs = []
+    refs, what = [], {}
     for fam, indices in families.items():
         for i in indices:
             layers = sorted(plan.sources[i].layer_pairs)
             for k in range(0, len(layers), LAYERS_PER_TASK):
-                refs.append(actors[fam].align.remote(i, layers[k : k + LAYERS_PER_TASK]))
+                ref = actors[fam].align.remote(i, layers[k : k + LAYERS_PER_TASK])
+                refs.append(ref)
+                chunk = layers[k : k + LAYERS_PER_TASK]
+                what[ref] = (fam, plan.sources[i].source_id, f"{chunk[0]}-{chunk[-1]}")
+    per_family = {fam: sum(1 for f, _, _ in what.values() if f == fam) for fam in families}
     pending, done = list(refs), 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         ray.get(ready)  # surfaces an alignment error at once
         done += 1
         if on_progress:
-            on_progress({"stage": "align", "done": done, "total": len(refs)})
+            fam, source_id, layers = what[ready[0]]
+            on_progress({"stage": "align", "done": done, "total": len(refs), "family": fam,
+                         "family_total": per_family[fam], "source_id": source_id, "layers": layers})
     ds = ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(CANDIDATE_SCHEMA.empty_table())
     ds = ds.materialize()
     for actor in actors.values():
@@ -186,6 +196,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     replay = replay_dataset(spec, tokenizer)
 
     t0 = time.perf_counter()
+    sink = progress_sink() if on_progress else None
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "plan": plan.to_dict(), "block_size": block,
@@ -195,15 +206,43 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
                                                resources_per_worker={"CPU": spec.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=spec.cluster.storage if "://" in spec.cluster.storage
                                        else root, failure_config=ray.train.FailureConfig(max_failures=3),
-                                       callbacks=[train_callback()]),
+                                       callbacks=[train_callback(sink)]),
         datasets={"candidates": candidates, "replay": replay},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    result = _fit_with_progress(trainer, sink, on_progress)
     timings["train_s"] = time.perf_counter() - t0
     if result.checkpoint is None:
         raise HeteroRayError(f"run {name}: training finished without a final checkpoint")
     return _write(spec, plan, block, target, sources, result.checkpoint, timings)
+
+
+def _fit_with_progress(trainer, sink, on_progress):
+    """trainer.fit(), passing the controller's training events to ``on_progress`` from a polling thread."""
+    import threading
+
+    import ray
+
+    if sink is None:
+        return trainer.fit()
+    stop = threading.Event()
+
+    def poll():
+        while True:
+            finished = stop.wait(0.5)
+            for event in ray.get(sink.drain.remote()):
+                on_progress(event)
+            if finished:
+                return
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        return trainer.fit()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        ray.kill(sink)
 
 
 def _write(spec, plan, block, target, sources, checkpoint, timings) -> FusionResult:

@@ -27,13 +27,77 @@ def parse(text: str, marker: str = MARKER) -> list[dict]:
     return out
 
 
-def train_callback():
-    """A Ray Train UserCallback printing rank 0's metrics after every report."""
+def train_callback(sink=None):
+    """A Ray Train UserCallback printing rank 0's metrics after every report (log lines for job clients)
+    and, given a :func:`progress_sink` handle, passing them to the driver."""
     import ray.train
 
     class ProgressCallback(ray.train.UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and "lm_loss" in metrics[0]:
-                emit({"stage": "train", **metrics[0]})
+                event = {"stage": "train", **metrics[0]}
+                emit(event)
+                if sink is not None:
+                    sink.put.remote(event)
 
     return ProgressCallback()
+
+
+def progress_sink():
+    """A small actor collecting training events from the Ray Train controller for the driver to poll."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressSink:
+        def __init__(self):
+            self.events: list[dict] = []
+
+        def put(self, event: dict) -> None:
+            self.events.append(event)
+
+        def drain(self) -> list[dict]:
+            out, self.events = self.events, []
+            return out
+
+    return ProgressSink.remote()
+
+
+class TerminalBars:
+    """Progress bars for alignment (one per family, counting its adapters' tasks) and training (step, LM loss,
+    RDM, mean alpha), fed with the same events as the log lines. Bars draw only on a terminal."""
+
+    def __init__(self, disable: bool | None = None):
+        self.bars: dict[str, object] = {}
+        self.disable = disable
+
+    def _bar(self, key: str, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        if key not in self.bars:
+            self.bars[key] = tqdm(total=total, desc=desc, dynamic_ncols=True, disable=self.disable)
+        return self.bars[key]
+
+    def __call__(self, event: dict) -> None:
+        stage = event.get("stage")
+        if stage == "align":
+            fam = event.get("family", "all")
+            bar = self._bar(f"align/{fam}", event.get("family_total", event["total"]), f"align {fam}")
+            bar.update(1)
+            if event.get("source_id"):
+                bar.set_postfix_str(f"{event['source_id']} layers {event.get('layers', '')}")
+        elif stage == "train":
+            bar = self._bar("train", int(event.get("total_steps", 0)) or None, "train")
+            bar.n = int(event.get("step", bar.n + 1))
+            alphas = [v for k, v in event.items() if k.startswith("alpha/")]
+            if isinstance(event.get("alpha"), dict):
+                alphas = list(event["alpha"].values())
+            post = {"lm": f"{event['lm_loss']:.3f}", "rdm": f"{event.get('rdm', 0.0):.3f}"}
+            if alphas:
+                post["alpha"] = f"{sum(alphas) / len(alphas):.3f}"
+            bar.set_postfix(post)
+            bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()

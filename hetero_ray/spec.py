@@ -86,6 +86,20 @@ class ClusterSpec(_Strict):
     dtype: Literal["fp32", "bf16"] = "fp32"
 
 
+STRATEGY_NAMES = ("heterofusion", "zero_sources", "random_sources", "replay_only", "target_only",
+                  "task_arithmetic", "ties", "dare", "naive_transfer")
+
+
+class MergeSpec(_Strict):
+    """Settings of the closed-form baselines (see hetero_ray.strategies)."""
+
+    weights: list[float] | None = Field(None, description="per input, target first (default: all 1)")
+    density: float = Field(0.2, gt=0, le=1, description="TIES: fraction of entries kept per update")
+    scale: float = Field(1.0, gt=0, description="TIES: lambda applied to the merged update")
+    drop_rate: float = Field(0.5, ge=0, lt=1, description="DARE: probability of dropping an entry")
+    rank: int | None = Field(None, gt=0, description="TIES/DARE: rank of the SVD factorization (default: sum)")
+
+
 class FusionSpec(_Strict):
     name: str | None = None
     seed: int = 0
@@ -98,10 +112,15 @@ class FusionSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     cluster: ClusterSpec = ClusterSpec()
     control: Literal["none", "zero_sources", "random_sources", "replay_only"] = "none"
+    strategy: Literal[STRATEGY_NAMES] = "heterofusion"
+    merge: MergeSpec = MergeSpec()
     allow_pickle: bool = False
 
     @model_validator(mode="after")
     def _names(self) -> FusionSpec:
+        if self.strategy != "heterofusion" and self.control != "none":
+            raise ValueError(f"strategy {self.strategy!r} with control {self.control!r}: a control is a "
+                             "variant of heterofusion; set one of them")
         ids = [s.id or s.adapter.name for s in self.sources]
         if len(set(ids)) != len(ids):
             raise ValueError(f"sources must have distinct ids (set `id:`), got {ids}")

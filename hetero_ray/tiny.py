@@ -37,13 +37,14 @@ _CORPUS_WORDS = (
 ).split()
 
 
-def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 384, seed: int = 0):
-    """A byte-level BPE tokenizer trained locally on a small corpus, with a chat template."""
+def build_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 384, seed: int = 0,
+                    texts: list[str] | None = None):
+    """A byte-level BPE tokenizer trained locally on a small corpus (or on ``texts``), with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(seed)
-    corpus = [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(12)) for _ in range(400)]
+    corpus = texts or [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(12)) for _ in range(400)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -66,12 +67,12 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     return getattr(transformers, cls_name)(**kwargs)
 
 
-def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, **overrides) -> Path:
+def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, tokenizer=None, **overrides) -> Path:
     """Save a randomly initialised tiny causal LM of ``family`` plus the local tokenizer to ``out_dir``."""
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), **overrides))
     model.save_pretrained(str(out_dir))
@@ -120,3 +121,71 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# Generated extraction tasks in the UIE format ("Option: ... Text: ... Answer:" -> "type: span; type: span").
+# Each task draws its entities from its own word lists; train and test splits are disjoint draws.
+TASKS: dict[str, dict] = {
+    "movie": {
+        "types": {"genre": ["comedy", "horror", "drama", "western", "musical", "thriller"],
+                  "director": ["nolan", "kubrick", "varda", "kurosawa", "lynch", "bigelow"],
+                  "year": ["1968", "1977", "1984", "1999", "2004", "2019"]},
+        "templates": ["show me a {genre} movie by {director}", "any {genre} film from {year}",
+                      "which movie did {director} make in {year}", "list {genre} movies from {year} by {director}"],
+    },
+    "restaurant": {
+        "types": {"cuisine": ["thai", "mexican", "italian", "korean", "greek", "indian"],
+                  "location": ["downtown", "uptown", "harbor", "airport", "campus", "midtown"],
+                  "price": ["cheap", "expensive", "moderate", "affordable", "pricey", "budget"]},
+        "templates": ["find a {price} {cuisine} place near {location}", "is there {cuisine} food near {location}",
+                      "i want {price} food near {location}", "book a {cuisine} table at {location} that is {price}"],
+    },
+    "vehicle": {
+        "types": {"color": ["silver", "orange", "black", "white", "yellow", "purple"],
+                  "brand": ["volvo", "toyota", "fiat", "tesla", "honda", "skoda"],
+                  "speed": ["40 km/h", "65 km/h", "90 km/h", "110 km/h", "120 km/h", "30 km/h"]},
+        "templates": ["a {color} {brand} drives at {speed}", "the {brand} moving at {speed} is {color}",
+                      "i saw a {color} car from {brand}", "a {brand} passes by at {speed}"],
+    },
+    # what every demo base model is pre-trained on (full fine-tuning) before its experts: the answer format
+    # and copying spans, with entity types and words that none of the tasks above uses
+    "pretrain": {
+        "types": {"person": 300, "city": 300, "animal": 300, "number": 300},  # counts: generated words
+        "templates": ["{person} saw {number} {animal} in {city}", "in {city} {person} keeps a {animal}",
+                      "{person} moved to {city}", "{number} people in {city} like the {animal}",
+                      "the {animal} of {person} is {number} years old", "{person} and a {animal}"],
+    },
+}
+
+
+_SYLLABLES = "ka lo mi ru te sa no vi pe zu da ri fo ne gu ba tsi mo le ya".split()
+
+
+def _words(kind: str, n: int) -> list[str]:
+    """``n`` pronounceable pseudo-words for an entity type (seeded by its name): spans that must be copied."""
+    rng = random.Random(kind)
+    return ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))) for _ in range(n)]
+
+
+def task_records(task: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` examples of a generated extraction task (see TASKS), in the instruction/input/output format."""
+    spec = TASKS[task]
+    spec = {**spec, "types": {t: _words(t, w) if isinstance(w, int) else w for t, w in spec["types"].items()}}
+    rng = random.Random(f"{task}-{seed}")
+    options = ", ".join(spec["types"])
+    out = []
+    for _ in range(n):
+        template = rng.choice(spec["templates"])
+        values = {t: rng.choice(words) for t, words in spec["types"].items()}
+        text = template.format(**values)
+        used = sorted((template.index("{" + t + "}"), t) for t in spec["types"] if "{" + t + "}" in template)
+        answer = "; ".join(f"{t}: {values[t]}" for _, t in used)
+        out.append({"instruction": f"Please tell me all the entity words in the text that belong to a given "
+                                   f"category. Option: {options} \nText: {text} \nAnswer:",
+                    "input": text, "output": answer})
+    return out
+
+
+def task_corpus() -> list[str]:
+    """Text covering every generated task's instructions and answers (for the demo tokenizer)."""
+    return [r["instruction"] + " " + r["output"] for t in TASKS for r in task_records(t, 150, seed=99)]

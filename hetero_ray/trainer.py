@@ -138,7 +138,7 @@ def fit(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics.update(step=step + 1, lr=scheduler.get_last_lr()[0])
+        metrics.update(step=step + 1, total_steps=len(windows), lr=scheduler.get_last_lr()[0])
         history.append(metrics)
         if on_step:
             on_step(metrics)

@@ -127,14 +127,19 @@ class FusionNet(nn.Module):
 
 class DirectDelta(nn.Module):
     """The ``replay_only`` control: the target's B updates themselves are the parameters (zero-init),
-    trained on the same replay with the same steps; alpha is fixed at 1 and no source is read."""
+    trained on the same replay with the same steps; alpha is fixed at 1 and no source is read.
+
+    The parameters sit on this module itself (not in a ParameterDict child, whose forward never runs), so
+    that DeepSpeed ZeRO-3 gathers them when this module's forward is called, and forward returns copies:
+    ZeRO-3 releases a gathered parameter's storage when the forward ends."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, int, int]]):
         super().__init__()
-        self.db = nn.ParameterDict({name: nn.Parameter(torch.zeros(shape)) for name, shape in shapes.items()})
+        for name, shape in shapes.items():
+            self.register_parameter(f"db_{name}", nn.Parameter(torch.zeros(shape)))
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: {"db": self.db[name], "alpha": torch.ones(1)} for name in groups}
+        return {name: {"db": getattr(self, f"db_{name}").clone(), "alpha": torch.ones(1)} for name in groups}
 
 
 def group_rdm(

@@ -1,0 +1,206 @@
+"""Evaluation: greedy generation on held-out task records and the tasks' metrics.
+
+Metrics (all micro-averaged over a task's examples):
+
+- ``ner`` (named entities and entity typing): an answer is ``"type: span; type: span"``. Each ``;``-separated
+  item is split at its first ``:`` into (type, span); both are lower-cased and whitespace-normalized; items
+  without a ``:`` or with an empty side are dropped (they count as nothing predicted, so a malformed answer
+  costs recall, not a crash). Precision, recall and F1 count (type, span) pairs as multisets.
+- ``re`` (relations): ``"relation: head, tail; relation: head, tail"``. Each item is split at its first ``:``
+  into the relation and the argument text, and the argument text at its *last* ``,`` into head and tail (so
+  a head such as "Washington, D.C." keeps its comma; a tail with a comma is not supported by the format).
+  A triple is correct only if relation, head and tail all match after normalization (strict F1).
+- ``label`` (classification): exact match of the normalized answer.
+
+A task's kind is read from its records (``"relation1: word1, word2"`` in the instruction means ``re``; gold
+answers without ``:`` mean ``label``; otherwise ``ner``) unless given.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hetero_ray.replay import format_prompt
+
+KINDS = ("ner", "re", "label")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def parse_entities(text: str) -> list[tuple[str, str]]:
+    out = []
+    for item in str(text).split(";"):
+        kind, sep, span = item.partition(":")
+        kind, span = _norm(kind), _norm(span)
+        if sep and kind and span:
+            out.append((kind, span))
+    return out
+
+
+def parse_relations(text: str) -> list[tuple[str, str, str]]:
+    out = []
+    for item in str(text).split(";"):
+        rel, sep, args = item.partition(":")
+        head, comma, tail = args.rpartition(",")
+        rel, head, tail = _norm(rel), _norm(head), _norm(tail)
+        if sep and comma and rel and head and tail:
+            out.append((rel, head, tail))
+    return out
+
+
+@dataclass
+class Score:
+    correct: int = 0
+    predicted: int = 0
+    gold: int = 0
+
+    def add(self, pred: Sequence, gold: Sequence) -> None:
+        self.correct += sum((Counter(pred) & Counter(gold)).values())
+        self.predicted += len(pred)
+        self.gold += len(gold)
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.correct / self.gold if self.gold else 0.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def task_kind(records: Sequence[Mapping]) -> str:
+    if any("relation1: word1, word2" in r.get("instruction", "") for r in records[:5]):
+        return "re"
+    if all(":" not in str(r["output"]) for r in records):
+        return "label"
+    return "ner"
+
+
+def score(kind: str, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """{"score": the task's headline metric, plus precision / recall for extraction tasks}."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; one of {KINDS}")
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+    if kind == "label":
+        acc = sum(_norm(p) == _norm(g) for p, g in zip(predictions, golds, strict=True)) / max(1, len(golds))
+        return {"score": acc, "accuracy": acc}
+    parse = parse_entities if kind == "ner" else parse_relations
+    s = Score()
+    for p, g in zip(predictions, golds, strict=True):
+        s.add(parse(p), parse(g))
+    return {"score": s.f1, "f1": s.f1, "precision": s.precision, "recall": s.recall}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, records: Sequence[Mapping], batch_size: int = 16, max_new_tokens: int = 64
+             ) -> list[str]:
+    """Greedy answers for ``records`` (prompts formatted as in training, left-padded batches)."""
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(records), batch_size):
+        prompts = [tokenizer(format_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]
+                   for r in records[i : i + batch_size]]
+        n = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), n), dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[j, n - len(p) :] = torch.tensor(p)
+            mask[j, n - len(p) :] = 1
+        device = next(model.parameters()).device
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(gen[:, n:], skip_special_tokens=True)
+    return out
+
+
+@torch.no_grad()
+def answer_loss(model, tokenizer, records: Sequence[Mapping], batch_size: int = 16, max_length: int = 256) -> float:
+    """Mean cross-entropy of the gold answers (+ EOS) given the prompts, over all answer tokens."""
+    from hetero_ray.replay import IGNORE, collate, tokenize
+    from hetero_ray.trainer import lm_loss
+
+    model.eval()
+    examples = tokenize(tokenizer, records, max_length)
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        device = next(model.parameters()).device
+        total += float(lm_loss(model, {k: v.to(device) for k, v in batch.items()})) * n
+        count += n
+    return total / max(1, count)
+
+
+@dataclass
+class TaskResult:
+    task: str
+    kind: str
+    n: int
+    metrics: dict[str, float]
+    samples: list[dict] = field(default_factory=list)
+
+
+def evaluate_model(model, tokenizer, tasks: Mapping[str, Sequence[Mapping]], batch_size: int = 16,
+                   max_new_tokens: int = 64, kinds: Mapping[str, str] | None = None, n_samples: int = 3,
+                   with_loss: bool = True, max_length: int = 256) -> dict[str, TaskResult]:
+    results = {}
+    for name, records in tasks.items():
+        kind = (kinds or {}).get(name) or task_kind(records)
+        preds = generate(model, tokenizer, records, batch_size, max_new_tokens)
+        golds = [str(r["output"]) for r in records]
+        samples = [{"input": r.get("input", ""), "gold": g, "prediction": p}
+                   for r, g, p in list(zip(records, golds, preds, strict=True))[:n_samples]]
+        metrics = score(kind, preds, golds)
+        if with_loss:
+            metrics["answer_loss"] = answer_loss(model, tokenizer, records, batch_size, max_length)
+        results[name] = TaskResult(name, kind, len(records), metrics, samples)
+    return results
+
+
+def load_model(base: str | Path, adapter: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               device: str = "cpu"):
+    """The base model (a local HF directory) with ``adapter`` applied through PEFT, or alone."""
+    from transformers import AutoModelForCausalLM
+
+    from hetero_ray.pipeline import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.to(device), load_tokenizer(Path(base))
+
+
+def markdown_table(rows: Mapping[str, Mapping[str, float | str]], columns: Sequence[str], digits: int = 3) -> str:
+    """rows: row name -> column -> value (floats formatted, strings as given)."""
+    head = "| method | " + " | ".join(columns) + " |\n|---|" + "---:|" * len(columns) + "\n"
+
+    def cell(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    return head + "".join(f"| {name} | " + " | ".join(cell(r.get(c)) for c in columns) + " |\n"
+                          for name, r in rows.items())
+
+
+def write_results(path: str | Path, results: Mapping[str, Mapping[str, TaskResult]], extra: dict | None = None
+                  ) -> None:
+    """results: method -> task -> TaskResult, written as JSON."""
+    data = {m: {t: r.__dict__ for t, r in per.items()} for m, per in results.items()}
+    Path(path).write_text(json.dumps({"results": data, **(extra or {})}, indent=1))

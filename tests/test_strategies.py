@@ -1,0 +1,155 @@
+"""Baselines registered next to HeteroFusion: each does what it says, in LoRA product space."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hetero_ray import tiny
+from hetero_ray.adapters import LoraAdapter, read_adapter
+from hetero_ray.errors import HeteroRayError
+from hetero_ray.spec import STRATEGY_NAMES
+from hetero_ray.strategies import STRATEGIES, factorize, product, run_strategy
+from tests.conftest import make_spec
+
+
+def _variant(src, dst, fn):
+    """A copy of adapter ``src`` with every lora_B tensor replaced by fn(B)."""
+    shutil.copytree(src, dst)
+    weights = dst / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: fn(v) if "lora_B" in k else v for k, v in tensors.items()}, str(weights))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def llama_experts(zoo, tmp_path_factory):
+    """Two more experts on the target's own base: the target negated, and an independent one."""
+    root = tmp_path_factory.mktemp("same-family")
+    neg = _variant(zoo["llama-lora"], root / "neg", lambda b: -b)
+    other = tiny.build_lora_adapter(zoo["llama-base"], root / "other", "llama", rank=4, seed=7)
+    return {"neg": neg, "other": other}
+
+
+def _spec(zoo, tmp_path, strategy, sources, **kw):
+    spec = make_spec(zoo, tmp_path / strategy, strategy=strategy, **kw)
+    return spec.model_copy(update={"sources": [s.model_copy(update={"adapter": p, "id": f"s{i}"})
+                                               for i, (s, p) in enumerate(zip([spec.sources[0]] * len(sources),
+                                                                              sources, strict=True))]})
+
+
+def _products(path) -> dict[str, torch.Tensor]:
+    a = read_adapter(path)
+    return {p: product(a, p) for p in a.modules}
+
+
+def test_registry_matches_the_spec_choices():
+    assert set(STRATEGIES) == set(STRATEGY_NAMES)
+    assert {s.kind for s in STRATEGIES.values()} == {"trained", "merge"}
+
+
+def test_target_only_reproduces_the_target_update(zoo, tmp_path):
+    out = run_strategy(_spec(zoo, tmp_path, "target_only", [zoo["llama-lora"]]), use_ray=False)
+    want, got = _products(zoo["llama-lora"]), _products(out)
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], rtol=1e-5, atol=1e-7)
+    assert json.loads((out / "fusion_report.json").read_text())["strategy"] == "target_only"
+
+
+def test_task_arithmetic_of_an_adapter_and_its_negation_is_zero(zoo, llama_experts, tmp_path):
+    out = run_strategy(_spec(zoo, tmp_path, "task_arithmetic", [llama_experts["neg"]]), use_ray=False)
+    target = _products(zoo["llama-lora"])
+    for p, d in _products(out).items():
+        assert d.abs().max() <= 1e-6 * target[p].abs().max()
+
+
+def test_task_arithmetic_is_the_weighted_sum_in_product_space(zoo, llama_experts, tmp_path):
+    spec = _spec(zoo, tmp_path, "task_arithmetic", [llama_experts["other"]], **{"merge.weights": [0.5, 2.0]})
+    got = _products(run_strategy(spec, use_ray=False))
+    t, o = _products(zoo["llama-lora"]), _products(llama_experts["other"])
+    for p in t:
+        torch.testing.assert_close(got[p], 0.5 * t[p] + 2.0 * o[p], rtol=1e-5, atol=1e-6)
+
+
+def test_ties_of_an_adapter_with_itself_is_the_adapter_and_with_its_negation_zero(zoo, llama_experts, tmp_path):
+    same = _spec(zoo, tmp_path / "a", "ties", [zoo["llama-lora"]], **{"merge.density": 1.0})
+    t = _products(zoo["llama-lora"])
+    for p, d in _products(run_strategy(same, use_ray=False)).items():
+        torch.testing.assert_close(d, t[p], rtol=1e-4, atol=1e-6)
+    opposite = _spec(zoo, tmp_path / "b", "ties", [llama_experts["neg"]], **{"merge.density": 1.0})
+    for d in _products(run_strategy(opposite, use_ray=False)).values():
+        assert d.abs().max() < 1e-6
+
+
+def test_ties_trims_to_the_largest_entries(zoo, tmp_path):
+    spec = _spec(zoo, tmp_path, "ties", [zoo["llama-lora"]], **{"merge.density": 0.1, "merge.rank": 64})
+    t = _products(zoo["llama-lora"])
+    for p, d in _products(run_strategy(spec, use_ray=False)).items():
+        keep = t[p].abs() >= t[p].abs().flatten().kthvalue(t[p].numel() - round(0.1 * t[p].numel()) + 1).values
+        torch.testing.assert_close(d, torch.where(keep, t[p], 0.0), rtol=1e-4, atol=1e-6)
+
+
+def test_dare_without_drops_is_task_arithmetic_and_with_drops_is_seeded(zoo, llama_experts, tmp_path):
+    src = [llama_experts["other"]]
+    ta = _products(run_strategy(_spec(zoo, tmp_path / "ta", "task_arithmetic", src), use_ray=False))
+    d0 = _products(run_strategy(_spec(zoo, tmp_path / "d0", "dare", src, **{"merge.drop_rate": 0.0}),
+                                use_ray=False))
+    for p in ta:
+        torch.testing.assert_close(d0[p], ta[p], rtol=1e-4, atol=1e-6)
+    runs = [_products(run_strategy(_spec(zoo, tmp_path / f"seeded{i}", "dare", src, **{"merge.drop_rate": 0.5}),
+                                   use_ray=False)) for i in range(2)]
+    p = next(iter(ta))
+    torch.testing.assert_close(runs[0][p], runs[1][p])
+    assert not torch.allclose(runs[0][p], ta[p])
+
+
+def test_same_family_merges_refuse_another_family(zoo, tmp_path):
+    with pytest.raises(HeteroRayError, match="qwen2-lora.*same-family"):
+        run_strategy(_spec(zoo, tmp_path, "task_arithmetic", [zoo["qwen2-lora"]]), use_ray=False)
+
+
+def test_naive_transfer_adds_the_cropped_or_padded_source_update(zoo, tmp_path):
+    """Qwen2 (hidden 48, 3 layers) into Llama (hidden 64, 4 layers), tail-aligned: target layer l takes
+    source layer l - 1; each update is zero-padded to 64 wide; layer 0 gets nothing."""
+    spec = _spec(zoo, tmp_path, "naive_transfer", [zoo["qwen2-lora"]])
+    got = _products(run_strategy(spec, use_ray=False))
+    t = _products(zoo["llama-lora"])
+    src = read_adapter(zoo["qwen2-lora"])
+    for p, d in got.items():
+        layer = int(p.split(".layers.")[1].split(".")[0])
+        want = t[p].clone()
+        if layer >= 1:
+            sp = p.replace(f".layers.{layer}.", f".layers.{layer - 1}.")
+            s = product(src, sp)
+            rows, cols = min(s.shape[0], want.shape[0]), min(s.shape[1], want.shape[1])
+            want[:rows, :cols] += s[:rows, :cols]
+        torch.testing.assert_close(d, want, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_adapters_load_with_peft(zoo, llama_experts, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run_strategy(_spec(zoo, tmp_path, "task_arithmetic", [llama_experts["other"]]), use_ray=False)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(zoo["llama-base"])), str(out))
+    assert isinstance(read_adapter(out), LoraAdapter)
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_factorize_is_exact_up_to_rank_and_reports_the_rest():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(20, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 30, generator=g, dtype=torch.float64)
+    a, b, err = factorize(m, 5)
+    assert a.shape == (5, 30) and b.shape == (20, 5) and err < 1e-12
+    torch.testing.assert_close(b @ a, m)
+    _, _, err2 = factorize(m, 2)
+    assert 0 < err2 < 1
+
+
+def test_a_control_and_a_strategy_together_are_refused(zoo, tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises((ValidationError, HeteroRayError), match="control"):
+        make_spec(zoo, tmp_path / "x", strategy="ties", control="zero_sources")
