@@ -53,7 +53,10 @@ def zero3_run(zoo, ray_local, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dist")
     spec = _spec(zoo, tmp, "zero3")
-    return spec, fuse(spec)
+    events = []
+    result = fuse(spec, on_progress=events.append)
+    result.events = events
+    return spec, result
 
 
 def test_end_to_end_zero3_two_workers(zoo, zero3_run):
@@ -76,6 +79,25 @@ def test_end_to_end_zero3_two_workers(zoo, zero3_run):
     for p in parts:  # ZeRO-3: each worker holds about half of the transfer-net parameters
         assert 0.45 < p["partition_numel"] / total < 0.55
     assert set(report["attention_mass"]) == set(report["alpha"])
+
+
+def test_driver_sees_alignment_per_family_and_every_training_step(zero3_run):
+    """The driver's progress callback gets alignment events per family and, through the progress actor,
+    each training step's metrics from the Train controller: what the terminal bars draw."""
+    from hetero_ray.progress import TerminalBars
+
+    _, result = zero3_run
+    align = [e for e in result.events if e["stage"] == "align"]
+    assert {e["family"] for e in align} == {"qwen2", "mistral", "gemma3"}
+    assert all(e["family_total"] >= 1 and e["source_id"] for e in align)
+    train = [e for e in result.events if e["stage"] == "train"]
+    assert [e["step"] for e in train] == list(range(1, len(result.history) + 1))
+    assert train[-1]["total_steps"] == len(result.history) and "lm_loss" in train[-1]
+    bars = TerminalBars(disable=False)
+    for e in result.events:
+        bars(e)
+    assert bars.bars["train"].n == len(result.history)
+    bars.close()
 
 
 def test_one_worker_zero0_matches_two_workers_zero3(zoo, zero3_run, tmp_path):
