@@ -88,7 +88,7 @@ def _pretrain(base: Path, steps: int, seed: int, on_step: Callable | None = None
         if on_step:
             on_step(step)
     model.save_pretrained(str(base))
-    return float(loss)
+    return loss.item()
 
 
 def _bar(total: int, desc: str):
