@@ -40,6 +40,10 @@ SIZES = {
     "small": dict(target_task="mit-movie", source_tasks=["mit-restaurant"], expert_steps=40, expert_batch=4,
                   test_n=40, replay_per_task=32, epochs=1, batch_size=4, grad_accum=2, max_length=192,
                   max_new_tokens=48, seeds=[0, 1, 2]),
+    # the small size with 4x the fusion steps (64 replay examples per task, 2 epochs: 32 optimizer steps)
+    "medium": dict(target_task="mit-movie", source_tasks=["mit-restaurant"], expert_steps=40, expert_batch=4,
+                   test_n=40, replay_per_task=64, epochs=2, batch_size=4, grad_accum=2, max_length=192,
+                   max_new_tokens=48, seeds=[0, 1, 2]),
     # a GPU
     "full": dict(target_task="mit-movie", source_tasks=["mit-restaurant", "WikiANN_en"], expert_steps=300,
                  expert_batch=8, test_n=100, replay_per_task=150, epochs=3, batch_size=2, grad_accum=8,
