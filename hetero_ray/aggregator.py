@@ -72,6 +72,7 @@ def train_loop(config: dict) -> None:
     import deepspeed
     import ray
     import ray.train
+    import ray.train.torch
     from safetensors.torch import save_file
 
     from hetero_ray.denoise.fusion import assemble_groups, attention_mass
@@ -88,9 +89,10 @@ def train_loop(config: dict) -> None:
     t0 = time.perf_counter()
     target, ttopo = open_target(spec)
     cands = None if spec.control == "replay_only" else _read_candidates()
-    groups = assemble_groups(plan, target, ttopo, cands, block)
+    device = ray.train.torch.get_device() if spec.cluster.use_gpu else torch.device("cpu")
+    groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block).items()}
     examples = _read_replay()
-    model = load_target(spec.target.base, target)
+    model = load_target(spec.target.base, target).to(device)
     net = build_net(spec, plan, block, groups)
     windows = plan_windows(len(examples), spec.training, spec.seed, rank, world)
     params = [p for p in net.parameters() if p.requires_grad]

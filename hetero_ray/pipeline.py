@@ -16,6 +16,7 @@ from hetero_ray.adapters import LoraAdapter, file_sha256, read_adapter
 from hetero_ray.candidates import Candidate, source_candidates
 from hetero_ray.denoise.fusion import DirectDelta, FusionNet, GroupInputs, assemble_groups, attention_mass
 from hetero_ray.denoise.transfer_net import PAPER, TransferNetConfig, auto_sizes
+from hetero_ray.errors import HeteroRayError
 from hetero_ray.export import export_fused_adapter, versions
 from hetero_ray.replay import Example, load_records, tokenize
 from hetero_ray.spec import FusionSpec
@@ -169,8 +170,18 @@ def fusion_card(spec: FusionSpec, plan: AlignmentPlan, history: list[dict]) -> s
     return "\n".join(lines)
 
 
+def fusion_device(spec: FusionSpec) -> torch.device:
+    """cuda when the spec asks for GPUs (`cluster.use_gpu`), else cpu."""
+    if spec.cluster.use_gpu:
+        if not torch.cuda.is_available():
+            raise HeteroRayError("cluster.use_gpu is set but this process sees no CUDA device")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) -> FusionResult:
-    """The whole fusion in this process, without Ray or DeepSpeed (the reference for the distributed run)."""
+    """The whole fusion in this process, without Ray or DeepSpeed (the reference for the distributed run);
+    on a GPU when ``cluster.use_gpu`` is set."""
     from hetero_ray.target import load_target
     from hetero_ray.trainer import FusionObjective, fit
 
@@ -186,10 +197,12 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
     groups = assemble_groups(plan, target, target_topo, cands, block)
     timings["align_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = load_target(spec.target.base, target)
+    device = fusion_device(spec)
+    groups = {n: g.to(device) for n, g in groups.items()}
+    model = load_target(spec.target.base, target).to(device)
     tokenizer = load_tokenizer(spec.target.base)
     examples = replay_examples(spec, tokenizer)
-    net = build_net(spec, plan, block, groups)
+    net = build_net(spec, plan, block, groups).to(device)
     objective = FusionObjective(model, groups, spec.method, examples, tokenizer.pad_token_id,
                                 torch.Generator().manual_seed(spec.seed))
     timings["setup_s"] = time.perf_counter() - t0

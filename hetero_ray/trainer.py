@@ -26,6 +26,8 @@ from hetero_ray.target import LoraDeltaPatch
 def lm_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over answer tokens; logits are computed only at the positions that
     predict an answer token (not over the whole vocabulary at every position)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch["labels"]
     targets = labels[:, 1:]
     positions = torch.nonzero((targets != IGNORE).any(dim=0)).flatten()
@@ -107,7 +109,7 @@ class FusionObjective:
     @torch.no_grad()
     def final_deltas(self, net: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         outputs = net(self.groups)
-        return {p: d.detach().float() for p, d in module_deltas(outputs, self.groups).items()}, outputs
+        return {p: d.detach().float().cpu() for p, d in module_deltas(outputs, self.groups).items()}, outputs
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):

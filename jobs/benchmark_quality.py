@@ -133,7 +133,7 @@ def main() -> None:
         "replay": [{"path": str(p)} for p in replay],
         "training": {"epochs": size["epochs"], "lr": 1e-4, "batch_size": size["batch_size"],
                      "grad_accum": size["grad_accum"], "max_length": size["max_length"]},
-        "cluster": {"workers": 2, "zero_stage": 3, "storage": str(out / "runs")},
+        "cluster": {"workers": 2, "zero_stage": 3, "storage": str(out / "runs"), "use_gpu": args.device == "cuda"},
         "overwrite": True,
     }
     same_family = [{"adapter": str(p), "id": f"smollm2-{t}"} for p, t in zip(smol_experts, size["source_tasks"],

@@ -3,6 +3,7 @@ the group inputs they read, and the assembly of their outputs into per-module B 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ class GroupInputs:
     src_sigmas: torch.Tensor  # (M, S, r)
     src_valid: torch.Tensor  # (M, S) bool
     src_owner: torch.Tensor  # (M, S) source index, -1 on padding
+
+    def to(self, device: torch.device | str) -> GroupInputs:
+        """A copy with every tensor on ``device``."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def net_inputs(self) -> tuple[torch.Tensor, ...]:
         return self.tgt_tokens, self.tgt_sigmas, self.src_tokens, self.src_sigmas, self.src_valid
@@ -188,6 +194,6 @@ def attention_mass(outputs: Mapping[str, Mapping[str, torch.Tensor]], groups: Ma
             continue
         attn = outputs[name]["attention"].detach().mean(dim=1)  # (M, S)
         owner = g.src_owner.clamp_min(0)
-        mass = torch.zeros(attn.shape[0], n_sources).scatter_add_(1, owner, attn * g.src_valid)
+        mass = torch.zeros(attn.shape[0], n_sources, device=attn.device).scatter_add_(1, owner, attn * g.src_valid)
         out[name] = {layer: mass[i].tolist() for i, layer in enumerate(g.layers)}
     return out
