@@ -66,6 +66,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+def empty_candidates():
+    import ray
+
+    return ray.data.from_arrow(CANDIDATE_SCHEMA.empty_table())
+
+
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None):
     """One FamilyActor per family present; every (source, chunk of target layers) is one actor task.
     Returns the candidate Dataset, materialized once in the object store."""
@@ -98,7 +104,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
             fam, source_id, layers = what[ready[0]]
             on_progress({"stage": "align", "done": done, "total": len(refs), "family": fam,
                          "family_total": per_family[fam], "source_id": source_id, "layers": layers})
-    ds = ray.data.from_arrow_refs(refs) if refs else ray.data.from_arrow(CANDIDATE_SCHEMA.empty_table())
+    ds = ray.data.from_arrow_refs(refs) if refs else empty_candidates()
     ds = ds.materialize()
     for actor in actors.values():
         ray.kill(actor)
@@ -186,12 +192,9 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     ensure_ray(address)
 
     t0 = time.perf_counter()
-    if spec.control == "replay_only":
-        import ray
-
-        candidates = ray.data.from_arrow(CANDIDATE_SCHEMA.empty_table())
-    else:
-        candidates = align_sources(spec, plan, block, on_progress)
+    # replay_only reads no source tensor: the workers get an empty candidate stream
+    candidates = empty_candidates() if spec.control == "replay_only" else align_sources(spec, plan, block,
+                                                                                      on_progress)
     timings["align_s"] = time.perf_counter() - t0
     replay = replay_dataset(spec, tokenizer)
 
