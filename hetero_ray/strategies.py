@@ -70,6 +70,13 @@ def control_of(spec: FusionSpec) -> str:
     return spec.strategy
 
 
+def run_spec(spec: FusionSpec) -> FusionSpec:
+    """The spec as it runs: a trained control strategy is HeteroFusion with that control set."""
+    if STRATEGIES[spec.strategy].kind == "trained":
+        return spec.model_copy(update={"control": control_of(spec)})
+    return spec
+
+
 # ---- product-space helpers -------------------------------------------------------------------------------
 
 
@@ -281,12 +288,25 @@ def write_merged(spec: FusionSpec, factors: Mapping[str, tuple[torch.Tensor, tor
     return Path(spec.output)
 
 
+def completed(spec: FusionSpec) -> bool:
+    """True when ``spec.output`` already holds a finished output of this very spec: outputs are renamed into
+    place only when complete, and their report carries the run name, which hashes the resolved spec. Inputs
+    are named by path, so a caller that rebuilds inputs in place must not rely on this."""
+    report = spec.output / "fusion_report.json"
+    if not (spec.output / "adapter_model.safetensors").is_file() or not report.is_file():
+        return False
+    try:
+        return json.loads(report.read_text()).get("name") == run_spec(spec).resolved_name()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def run_strategy(spec: FusionSpec, address: str | None = None, use_ray: bool = True,
                  on_progress: Callable[[dict], None] | None = None) -> Path:
     """Run ``spec.strategy``; returns the output adapter directory."""
     strategy = STRATEGIES[spec.strategy]
     if strategy.kind == "trained":
-        run = spec.model_copy(update={"control": control_of(spec)})
+        run = run_spec(spec)
         if use_ray:
             from hetero_ray.distributed import fuse
 

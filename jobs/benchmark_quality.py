@@ -32,7 +32,7 @@ from hetero_ray.evaluate import evaluate_model, load_model, markdown_table  # no
 from hetero_ray.experts import ExpertSettings, cached_expert  # noqa: E402
 from hetero_ray.replay import load_records  # noqa: E402
 from hetero_ray.spec import load_spec  # noqa: E402
-from hetero_ray.strategies import run_strategy  # noqa: E402
+from hetero_ray.strategies import completed, run_strategy  # noqa: E402
 from hetero_ray.zoo import get_model  # noqa: E402
 
 SIZES = {
@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--source", default="gemma3-270m", help="zoo name or local HF model directory")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--ray", action="store_true", help="run the trained strategies on Ray + DeepSpeed")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse adapters that an earlier run of the same settings finished under --out")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     size = dict(SIZES[args.size])
@@ -149,8 +151,13 @@ def main() -> None:
             spec_file.parent.mkdir(parents=True, exist_ok=True)
             spec_file.write_text(yaml.safe_dump({**base_spec, **extra, "strategy": method, "seed": seed,
                                                  "output": str(out / "adapters" / f"{method}-{seed}")}))
+            spec = load_spec(spec_file)
             t = time.perf_counter()
-            adapters.setdefault(method, {})[seed] = run_strategy(load_spec(spec_file), use_ray=args.ray)
+            if args.resume and completed(spec):
+                adapters.setdefault(method, {})[seed] = spec.output
+                log(f"{method} seed {seed}: reused {spec.output}")
+                continue
+            adapters.setdefault(method, {})[seed] = run_strategy(spec, use_ray=args.ray)
             fuse_times.setdefault(method, []).append(time.perf_counter() - t)
             log(f"{method} seed {seed}: {fuse_times[method][-1]:.0f} s")
     timings["fusion_s"] = time.perf_counter() - t0

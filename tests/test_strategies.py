@@ -11,7 +11,7 @@ from hetero_ray import tiny
 from hetero_ray.adapters import LoraAdapter, read_adapter
 from hetero_ray.errors import HeteroRayError
 from hetero_ray.spec import STRATEGY_NAMES
-from hetero_ray.strategies import STRATEGIES, factorize, product, run_strategy
+from hetero_ray.strategies import STRATEGIES, completed, factorize, product, run_strategy
 from tests.conftest import make_spec
 
 
@@ -153,3 +153,16 @@ def test_a_control_and_a_strategy_together_are_refused(zoo, tmp_path):
 
     with pytest.raises((ValidationError, HeteroRayError), match="control"):
         make_spec(zoo, tmp_path / "x", strategy="ties", control="zero_sources")
+
+
+@pytest.mark.parametrize("strategy", ["target_only", "replay_only"])
+def test_completed_recognizes_a_finished_output_of_the_same_spec_only(zoo, tmp_path, strategy):
+    spec = _spec(zoo, tmp_path, strategy, [zoo["qwen2-lora"]])
+    assert not completed(spec)
+    out = run_strategy(spec, use_ray=False)
+    assert out == spec.output and completed(spec)  # a control's report names the spec as run, control set
+    assert not completed(spec.model_copy(update={"seed": spec.seed + 1}))
+    (out / "fusion_report.json").write_text("{")
+    assert not completed(spec)
+    (out / "fusion_report.json").unlink()
+    assert not completed(spec)
