@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from hetero_ray.adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, LoraAdapter, config_only_adapter
+from hetero_ray.denoise.transfer_net import TransferNetConfig
 from hetero_ray.errors import FamilyError
 from hetero_ray.pipeline import align, net_configs, open_adapter, resolve_block_size, sequence_lengths
 from hetero_ray.spec import FusionSpec
@@ -57,12 +62,56 @@ def base_model_params(config: dict) -> int:
     return vocab * h + layers * per_layer + h + lm_head
 
 
+def transfer_activation_bytes(cfg: TransferNetConfig, modules: int, target_tokens: int, source_tokens: int,
+                              valid_source_tokens: int, num_projections: int, dtype_bytes: int) -> int:
+    """Bytes one group's transfer net and its RDM term keep for backward (inputs and parameters excluded),
+    counted from the modules' saved tensors; a test holds this to the measured figure.
+
+    Encoder, over N = M (T + S) tokens: the normalized block and its transposed copy (2 D each) and 7.25 d
+    (the row and column pre-activations, their gated sum and the gate, the gate MLP's hidden d/4, out_norm's
+    input, the positioned embedding) plus two norm statistics. Cross-attention: the query (M T d), keys and
+    values (2 M S d), the scores' softmax and mask (2 M h T S). Decoder: four d-wide tensors per target token,
+    and the delta (D) that alpha scales. RDM per encoder output (n tokens, P projections): the rectified
+    embedding (n d), the directions (d P), the projected difference (n P) and the sort indices (int64)."""
+    m, t, s, d, h = modules, target_tokens, source_tokens, cfg.embed_dim, cfg.num_heads
+    big, n = cfg.block_size * cfg.rank, modules * (target_tokens + source_tokens)
+    net = 2 * n * big + n * (7.25 * d + 4) + m * t * (5 * d + big) + 2 * m * s * d + 2 * m * h * t * s
+    p = num_projections
+    rdm = sum(dtype_bytes * (k * d + d * p + k * p) + 8 * k * p for k in (m * t, valid_source_tokens) if k)
+    return int(dtype_bytes * net + rdm)
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> tuple[int, Any]:
+    """Run ``fn`` and return (bytes of the distinct storages autograd saved for backward, its result),
+    leaving out the storages of ``exclude`` (parameters and inputs, which are counted elsewhere)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[tuple[int, str], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[(storage.data_ptr(), str(t.device))] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(seen.values()), result
+
+
 def memory_per_worker(net_params: int, largest_group: int, zero_stage: int, workers: int, dtype: str,
-                      target_params: int, target_config: dict, tokens_bytes: int, seq_len: int, batch: int) -> dict:
-    """Bytes per worker. Transfer nets: weights + grads + AdamW (2 fp32 states; bf16 adds fp32 master
-    weights), partitioned by ZeRO stage; ZeRO-3 also holds the largest group's gathered weights during its
-    forward. Frozen target: full copy per worker. Activations: Korthikanti et al.'s per-layer estimate
-    (34 s b h + 5 a s^2 b bytes in 16-bit; doubled for fp32)."""
+                      target_params: int, target_config: dict, tokens_bytes: int, seq_len: int, batch: int,
+                      transfer_activations: int = 0) -> dict:
+    """Bytes per worker.
+
+    Held throughout: the transfer nets' weights, gradients and AdamW states (2 fp32 states; bf16 adds fp32
+    master weights), partitioned by ZeRO stage (ZeRO-3 also holds the largest group's gathered weights during
+    its forward); the frozen target (a full copy per worker); the candidate tokens.
+    Peak on top of that, the larger of two phases: forward/backward activations (the target's, by Korthikanti
+    et al.'s per-layer estimate, 34 s b h + 5 a s^2 b bytes in 16-bit, doubled for fp32; plus the transfer
+    nets', see ``transfer_activation_bytes``) and the optimizer step, where torch AdamW holds one fp32
+    temporary the size of the parameters it updates (the whole partition on GPU, where it runs foreach; on
+    CPU only the largest tensor, so this is an upper bound there). On an H100 at paper scale, 1 worker ZeRO-0
+    fp32, the measured peak was 14.52 GiB against 14.67 GiB from this sum."""
     w = 2 if dtype == "bf16" else 4
     weights, grads, optim = w * net_params, w * net_params, (8 + (4 if dtype == "bf16" else 0)) * net_params
     n = max(workers, 1)
@@ -77,10 +126,12 @@ def memory_per_worker(net_params: int, largest_group: int, zero_stage: int, work
     c = target_config.get("text_config") or target_config
     act_scale = 1 if dtype == "bf16" else 2
     heads = c["num_attention_heads"]
-    acts = c["num_hidden_layers"] * (34 * seq_len * batch * c["hidden_size"] + 5 * heads * seq_len**2 * batch)
-    out = {"transfer_nets": nets, "frozen_target": w * target_params, "activations": act_scale * acts,
-           "candidate_tokens": tokens_bytes}
-    out["total"] = sum(out.values())
+    acts = act_scale * c["num_hidden_layers"] * (34 * seq_len * batch * c["hidden_size"]
+                                                 + 5 * heads * seq_len**2 * batch)
+    step = 4 * net_params / (n if zero_stage >= 1 else 1)
+    out = {"transfer_nets": nets, "frozen_target": w * target_params, "candidate_tokens": tokens_bytes,
+           "target_activations": acts, "transfer_activations": transfer_activations, "optimizer_step": step}
+    out["total"] = nets + w * target_params + tokens_bytes + max(acts + transfer_activations, step)
     return {k: round(v / GIB, 3) for k, v in out.items()}
 
 
@@ -105,9 +156,15 @@ def check(spec: FusionSpec) -> dict:
     params = {g: c.num_parameters() for g, c in cfgs.items()}
     total = sum(params.values())
     target_params = base_model_params(tconfig)
+    w_bytes = 2 if spec.cluster.dtype == "bf16" else 4
+    for g, t in tokens.items():
+        t["activation_bytes"] = transfer_activation_bytes(cfgs[g], t["modules"], lengths[g][0], lengths[g][1],
+                                                          t["source_tokens"], spec.method.num_projections, w_bytes)
+    transfer_acts = sum(t["activation_bytes"] for t in tokens.values())
     est = {
         w: memory_per_worker(total, max(params.values(), default=0), spec.cluster.zero_stage, w, spec.cluster.dtype,
-                             target_params, tconfig, token_bytes, spec.training.max_length, spec.training.batch_size)
+                             target_params, tconfig, token_bytes, spec.training.max_length, spec.training.batch_size,
+                             transfer_acts)
         for w in sorted({1, 2, 4, 8, spec.cluster.workers})
     }
     rows = []
@@ -148,8 +205,9 @@ def format_check(report: dict) -> str:
     lines.append(f"memory per worker (GiB), ZeRO-{report['zero_stage']}, {report['dtype']}:")
     for w, m in report["memory_gib_per_worker"].items():
         lines.append(f"  {w} worker(s): total {m['total']:.2f} = transfer nets {m['transfer_nets']:.2f} + target "
-                     f"{m['frozen_target']:.2f} + activations {m['activations']:.2f} "
-                     f"+ tokens {m['candidate_tokens']:.2f}")
+                     f"{m['frozen_target']:.2f} + tokens {m['candidate_tokens']:.2f} + max(activations "
+                     f"{m['target_activations']:.2f} target + {m['transfer_activations']:.2f} transfer nets, "
+                     f"optimizer step {m['optimizer_step']:.2f})")
     lines.append("alignment (target layer x role <- source layer, offset, rank, padding rows):")
     for r in report["alignment"]:
         lines.append(f"  L{r['target_layer']:>3} {r['role']:<5} <- {r['source']} L{r['source_layer']} "

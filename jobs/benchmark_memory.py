@@ -7,8 +7,9 @@ Writes random rank-8 PEFT adapters with the published shapes of the paper's mode
 models are needed: the transfer networks read only the adapters), builds the real candidates, groups and
 networks (preset `paper` at full scale), runs one step (forward, RDM, a surrogate LM gradient on dB, backward,
 torch AdamW) in fp32 on one device, and prints the peak memory next to check's estimate for 1 worker with
-ZeRO-0 (transfer-net weights + gradients + AdamW states + candidate tokens). The frozen target model and its
-activations are not part of this measurement.
+ZeRO-0: transfer-net weights + gradients + AdamW states + candidate tokens, plus the larger of the transfer
+nets' activations and AdamW's step temporary. It also prints the bytes autograd actually saved for backward
+(any device). The frozen target model and its activations are not part of this measurement.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--scale", default="paper", help="'paper' or a width divisor (e.g. 16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    from hetero_ray.check import check
+    from hetero_ray.check import check, saved_tensor_bytes
     from hetero_ray.denoise.fusion import assemble_groups, group_rdm, module_deltas
     from hetero_ray.pipeline import align, build_net, candidates_of, open_source, open_target, resolve_block_size
     from hetero_ray.spec import parse_spec
@@ -122,11 +123,17 @@ def main() -> None:
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
         gen = torch.Generator().manual_seed(0)  # RDM draws on the CPU generator, then moves to the device
         times = []
+        inputs = [*net.parameters(), *(t for g in groups.values() for t in g.net_inputs())]
+        saved = []
         for _ in range(2):  # the second step has AdamW's states allocated
             t0 = time.perf_counter()
-            outputs = net(groups)
+            nbytes, outputs = saved_tensor_bytes(lambda: net(groups), exclude=inputs)
+            saved.append(nbytes)
             deltas = module_deltas(outputs, groups)
-            surrogate = spec.method.lambda_reg * group_rdm(outputs, groups, gen, num_projections=256)
+            nbytes, rdm = saved_tensor_bytes(lambda o=outputs: group_rdm(o, groups, gen, num_projections=256),
+                                             exclude=inputs)
+            saved[-1] += nbytes
+            surrogate = spec.method.lambda_reg * rdm
             for dlt in deltas.values():  # stands in for the LM gradient on each module's dB
                 surrogate = surrogate + (dlt * torch.randn(dlt.shape, generator=gen).to(device)).sum()
             surrogate.backward()
@@ -138,8 +145,11 @@ def main() -> None:
         gib = 1024**3
         result = {"scale": args.scale, "device": str(device), "groups": len(groups), "transfer_net_params": params,
                   "check_params": report["transfer_net_params"], "block_size": block,
-                  "estimate_gib": {"transfer_nets": estimate["transfer_nets"],
-                                   "candidate_tokens": estimate["candidate_tokens"]},
+                  "estimate_gib": {k: estimate[k] for k in ("transfer_nets", "candidate_tokens",
+                                                            "transfer_activations", "optimizer_step")},
+                  "estimate_peak_gib": round(estimate["transfer_nets"] + estimate["candidate_tokens"]
+                                             + max(estimate["transfer_activations"], estimate["optimizer_step"]), 3),
+                  "measured_saved_activations_gib": round(saved[-1] / 1024**3, 3),
                   "align_s": round(align_s, 2), "step_s": [round(t, 3) for t in times]}
         if device.type == "cuda":
             result["measured_peak_gib"] = round((torch.cuda.max_memory_allocated() - base_mem) / gib, 3)
