@@ -193,6 +193,16 @@ def main() -> None:
                 scores.setdefault(method, {}).setdefault(t, []).append(r.metrics["score"])
                 losses.setdefault(method, {}).setdefault(t, []).append(r.metrics["answer_loss"])
             log(f"eval {method} seed {seed}: " + ", ".join(f"{t} {r.metrics['score']:.3f}" for t, r in res.items()))
+    # references: each source expert on its own base and task (what a perfect transfer could approach)
+    references = {}
+    for family, base, experts in (("gemma3", source_base, gemma_experts), ("smollm2", target_base, smol_experts)):
+        for t, path in zip(size["source_tasks"], experts, strict=True):
+            model, tok = load_model(base, path, device=args.device)
+            res = evaluate_model(model, tok, {t: tests[t]}, batch_size=20, max_new_tokens=size["max_new_tokens"],
+                                 max_length=size["max_length"])[t]
+            references[f"{family} expert on {t}, own base"] = {"task": t, "score": res.metrics["score"],
+                                                               "answer_loss": res.metrics["answer_loss"]}
+            log(f"reference {family}/{t}: {res.metrics['score']:.3f}")
     timings["eval_s"] = time.perf_counter() - t0
 
     def cell(values: list[float]) -> str:
@@ -210,10 +220,14 @@ def main() -> None:
           f"(SmolLM2 experts on the same tasks for the same-family merges); replay: {', '.join(replay_tasks)}.\n\n"
           + markdown_table(table, tasks) + "\nAnswer loss on the same splits (lower is better).\n\n"
           + markdown_table(loss_table, tasks)
+          + "\nReferences (each source expert on its own base and task): "
+          + "; ".join(f"{k}: F1 {v['score']:.3f}, loss {v['answer_loss']:.3f}" for k, v in references.items())
+          + ".\n"
           + "\nStage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()) + "\n")
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"settings": settings, "timings_s": timings, "scores": scores,
-                                                  "answer_loss": losses, "fuse_times_s": fuse_times,
+                                                  "answer_loss": losses, "references": references,
+                                                  "fuse_times_s": fuse_times,
                                                   "per_run": raw}, indent=1, default=str))
     print(md)
 

@@ -53,6 +53,11 @@ def test_benchmark_job_runs_every_stage_and_resumes(bench_inputs, tmp_path):
     spec = (out / "specs" / "heterofusion-0.yaml").read_text()
     assert "mit-movie-replay" in spec and "mit-restaurant-replay" not in spec
     assert "| heterofusion |" in (out / "results.md").read_text()
+    # references: each source expert scored on its own base and task
+    refs = result["references"]
+    assert set(refs) == {"gemma3 expert on mit-restaurant, own base", "smollm2 expert on mit-restaurant, own base"}
+    assert all(r["task"] == "mit-restaurant" and 0 <= r["score"] <= 1 and r["answer_loss"] > 0 for r in refs.values())
+    assert "gemma3 expert on mit-restaurant, own base: F1" in (out / "results.md").read_text()
     # --resume reuses every finished adapter, untouched
     weights = out / "adapters" / "heterofusion-1" / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
