@@ -22,6 +22,17 @@ from hetero_ray.topology.families import ModelDims, Topology, build_topology, de
 
 GIB = 1 << 30
 
+# The paper's target and source models: their published config.json values that planning needs
+# (tests/test_check.py and jobs/benchmark_memory.py plan and measure at this scale).
+PAPER_MODELS = {
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+}
+
 
 def _has_weights(path: Path) -> bool:
     return (path / WEIGHTS_NAME).is_file() or (path / PICKLE_NAME).is_file()

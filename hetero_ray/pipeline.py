@@ -179,14 +179,21 @@ def fusion_device(spec: FusionSpec) -> torch.device:
     return torch.device("cpu")
 
 
-def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) -> FusionResult:
-    """The whole fusion in this process, without Ray or DeepSpeed (the reference for the distributed run);
-    on a GPU when ``cluster.use_gpu`` is set."""
-    from hetero_ray.target import load_target
-    from hetero_ray.trainer import FusionObjective, fit
+@dataclass
+class Prepared:
+    """Everything fusion needs before training: the opened target and sources, the plan and the groups."""
 
-    timings = {}
-    t0 = time.perf_counter()
+    target: LoraAdapter
+    target_topo: Topology
+    sources: list[tuple[LoraAdapter, Topology]]
+    plan: AlignmentPlan
+    block: int
+    groups: dict[str, GroupInputs]
+
+
+def prepare_groups(spec: FusionSpec) -> Prepared:
+    """Open the target and every source, align them, and assemble the groups in this process (the
+    ``replay_only`` control reads no source candidates)."""
     target, target_topo = open_target(spec)
     sources = [open_source(spec, i) for i in range(len(spec.sources))]
     plan = align(spec, target_topo, [t for _, t in sources])
@@ -195,6 +202,20 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
         c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block)
     ]
     groups = assemble_groups(plan, target, target_topo, cands, block)
+    return Prepared(target, target_topo, sources, plan, block, groups)
+
+
+def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) -> FusionResult:
+    """The whole fusion in this process, without Ray or DeepSpeed (the reference for the distributed run);
+    on a GPU when ``cluster.use_gpu`` is set."""
+    from hetero_ray.target import load_target
+    from hetero_ray.trainer import FusionObjective, fit
+
+    timings = {}
+    t0 = time.perf_counter()
+    prepared = prepare_groups(spec)
+    target, sources, plan, block, groups = (prepared.target, prepared.sources, prepared.plan, prepared.block,
+                                            prepared.groups)
     timings["align_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     device = fusion_device(spec)

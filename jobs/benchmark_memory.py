@@ -15,7 +15,6 @@ nets' activations and AdamW's step temporary. It also prints the bytes autograd 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -27,14 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-PAPER = {  # published config.json values (see tests/test_check.py)
-    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-}
+from hetero_ray.check import PAPER_MODELS  # noqa: E402
+
 ROLES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
@@ -50,7 +43,7 @@ def shapes(cfg: dict, role: str) -> tuple[int, int]:
 def write_zoo(root: Path, divisor: int, rank: int = 8) -> dict[str, tuple[Path, Path]]:
     out = {}
     g = torch.Generator().manual_seed(0)
-    for name, cfg in PAPER.items():
+    for name, cfg in PAPER_MODELS.items():
         cfg = dict(cfg)
         for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
             cfg[k] = max(1, cfg[k] // divisor) if k.startswith("num") else cfg[k] // divisor
@@ -79,8 +72,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     from hetero_ray.check import check, saved_tensor_bytes
-    from hetero_ray.denoise.fusion import assemble_groups, group_rdm, module_deltas
-    from hetero_ray.pipeline import align, build_net, candidates_of, open_source, open_target, resolve_block_size
+    from hetero_ray.denoise.fusion import group_rdm, module_deltas
+    from hetero_ray.pipeline import build_net, prepare_groups
     from hetero_ray.spec import parse_spec
 
     divisor = 1 if args.scale == "paper" else int(args.scale)
@@ -102,18 +95,10 @@ def main() -> None:
         report = check(spec)
         estimate = report["memory_gib_per_worker"][1]
         t0 = time.perf_counter()
-        target, ttopo = open_target(spec)
-        sources = [open_source(spec, i) for i in range(len(spec.sources))]
-        plan = align(spec, ttopo, [t for _, t in sources])
-        block = resolve_block_size(spec, plan)
-        cands = [c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block)]
-        groups = assemble_groups(plan, target, ttopo, cands, block)
-        del cands
+        prepared = prepare_groups(spec)
+        plan, block = prepared.plan, prepared.block
         align_s = time.perf_counter() - t0
-        groups = {n: dataclasses.replace(g, **{f.name: getattr(g, f.name).to(device)
-                                              for f in dataclasses.fields(g)
-                                              if isinstance(getattr(g, f.name), torch.Tensor)})
-                  for n, g in groups.items()}
+        groups = {n: g.to(device) for n, g in prepared.groups.items()}
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

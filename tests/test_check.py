@@ -2,24 +2,16 @@
 
 import json
 
-from hetero_ray.check import check
+from hetero_ray.check import PAPER_MODELS, check
 from hetero_ray.cli import main
 from hetero_ray.spec import parse_spec
 
 ROLES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIGS = {  # the published config.json values that matter here
-    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-}
 
 
 def _paper_zoo(tmp_path):
     paths = {}
-    for name, cfg in CONFIGS.items():
+    for name, cfg in PAPER_MODELS.items():
         base = tmp_path / name
         base.mkdir()
         (base / "config.json").write_text(json.dumps(cfg))
@@ -86,19 +78,15 @@ def test_transfer_net_activation_estimate_matches_the_saved_tensors(zoo, tmp_pat
     import torch
 
     from hetero_ray.check import saved_tensor_bytes
-    from hetero_ray.denoise.fusion import assemble_groups, group_rdm
-    from hetero_ray.pipeline import align, build_net, candidates_of, open_source, open_target, resolve_block_size
+    from hetero_ray.denoise.fusion import group_rdm
+    from hetero_ray.pipeline import build_net, prepare_groups
     from tests.conftest import make_spec
 
     spec = make_spec(zoo, tmp_path / "out")
     report = check(spec)
-    target, ttopo = open_target(spec)
-    sources = [open_source(spec, i) for i in range(len(spec.sources))]
-    plan = align(spec, ttopo, [t for _, t in sources])
-    block = resolve_block_size(spec, plan)
-    cands = [c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block)]
-    groups = assemble_groups(plan, target, ttopo, cands, block)
-    net = build_net(spec, plan, block, groups)
+    prepared = prepare_groups(spec)
+    groups = prepared.groups
+    net = build_net(spec, prepared.plan, prepared.block, groups)
     assert set(groups) == set(report["groups"])
     for name, g in groups.items():
         inputs = [*net.parameters(), *g.net_inputs()]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from hetero_ray.adapters import LoraAdapter, read_adapter
-from hetero_ray.denoise.fusion import assemble_groups, module_deltas
+from hetero_ray.denoise.fusion import module_deltas
 from hetero_ray.export import fused_tensors
 from hetero_ray.pipeline import (
     align,
@@ -18,8 +18,8 @@ from hetero_ray.pipeline import (
     load_tokenizer,
     open_source,
     open_target,
+    prepare_groups,
     replay_examples,
-    resolve_block_size,
 )
 from hetero_ray.target import load_target
 from hetero_ray.trainer import FusionObjective, lm_loss, plan_windows
@@ -27,13 +27,8 @@ from tests.conftest import make_spec
 
 
 def _setup(spec):
-    target, ttopo = open_target(spec)
-    sources = [open_source(spec, i) for i in range(len(spec.sources))]
-    plan = align(spec, ttopo, [t for _, t in sources])
-    block = resolve_block_size(spec, plan)
-    cands = [c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block)]
-    groups = assemble_groups(plan, target, ttopo, cands, block)
-    return target, plan, block, groups
+    p = prepare_groups(spec)
+    return p.target, p.plan, p.block, p.groups
 
 
 def test_step0_fused_adapter_equals_target_bit_for_bit(zoo, tmp_path):
