@@ -7,14 +7,11 @@ arbitrary code; with the opt-in they are loaded with ``torch.load(weights_only=T
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
+import math
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +19,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from hetero_ray.errors import AdapterError, HeteroRayError
+from hetero_ray.errors import AdapterError
+from hetero_ray.outputs import atomic_output_dir
+
+__all__ = ["LoraAdapter", "LoraModule", "atomic_output_dir", "read_adapter", "write_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -30,6 +30,8 @@ PICKLE_NAME = "adapter_model.bin"
 
 # base_model.model.<module path>.lora_A[.<adapter name>].weight
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# LoRA factors must be floating point; the safetensors header names the dtype before any data is read
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,19 @@ class LoraAdapter:
 
     @property
     def scaling(self) -> float:
+        """The adapter-wide scale s of the update s·B·A (lora_alpha / r, or / sqrt(r) with rsLoRA)."""
         r = int(self.config.get("r", 8))
-        alpha = float(self.config.get("lora_alpha", r))
-        return alpha / (r**0.5) if self.config.get("use_rslora") else alpha / r
+        return _scale(float(self.config.get("lora_alpha", r)), r, bool(self.config.get("use_rslora")))
+
+    def module_rank(self, path: str) -> int:
+        """The rank PEFT gives module ``path``: its ``rank_pattern`` entry, else ``r``."""
+        return int(_pattern_value(self.config.get("rank_pattern"), path, self.config.get("r", 8)))
+
+    def module_scaling(self, path: str) -> float:
+        """The scale PEFT applies to module ``path`` (``rank_pattern`` and ``alpha_pattern`` honoured)."""
+        r = self.module_rank(path)
+        alpha = float(_pattern_value(self.config.get("alpha_pattern"), path, self.config.get("lora_alpha", r)))
+        return _scale(alpha, r, bool(self.config.get("use_rslora")))
 
     @property
     def base_model_path(self) -> str | None:
@@ -130,10 +142,71 @@ class LoraAdapter:
     def _load_pickled(self) -> dict[str, torch.Tensor]:
         if not self._cache:
             try:
-                self._cache.update(torch.load(self.weights_path, map_location="cpu", weights_only=True))
+                loaded = torch.load(self.weights_path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
                 raise AdapterError(self.weights_path, f"cannot load with weights_only=True: {e}") from e
+            if not isinstance(loaded, dict):
+                raise AdapterError(self.weights_path, f"holds a {type(loaded).__name__}, not a mapping of tensor "
+                                   "names to tensors")
+            for key, value in loaded.items():
+                if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+                    raise AdapterError(self.weights_path, f"holds a {type(value).__name__} under this key, not a "
+                                       "tensor", key=str(key))
+                if not value.is_floating_point():
+                    raise AdapterError(self.weights_path, f"dtype {value.dtype}: LoRA factors must be floating "
+                                       "point", key=key)
+            self._cache.update(loaded)
         return self._cache
+
+
+def _scale(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _pattern_value(patterns: Mapping | None, path: str, default):
+    """PEFT's per-module override: the first pattern key that matches the end of the module path."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_config(config: object, config_path: Path) -> dict:
+    """adapter_config.json as a schema: a JSON object with a LoRA ``peft_type``, ``r`` an integer >= 1,
+    ``lora_alpha`` a finite number > 0, ``use_rslora`` a boolean, rank/alpha patterns mapping names to
+    numbers. Raises AdapterError naming the file and the field."""
+    if not isinstance(config, dict):
+        raise AdapterError(config_path, f"expected a JSON object, got a JSON {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(config_path, f"peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    if config.get("use_dora"):
+        raise AdapterError(config_path, "DoRA adapters (use_dora: true) are not supported")
+    r = config.get("r", 8)
+    if not _is_int(r) or r < 1:
+        raise AdapterError(config_path, f"field r: expected an integer >= 1, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if not _is_number(alpha) or alpha <= 0:
+        raise AdapterError(config_path, f"field lora_alpha: expected a finite number > 0, got {alpha!r} (the update "
+                           "is lora_alpha / r * B A; to negate an adapter, negate its lora_B)")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(config_path, f"field use_rslora: expected true or false, got {config['use_rslora']!r}")
+    for name, check, what in (("rank_pattern", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+                              ("alpha_pattern", lambda v: _is_number(v) and v > 0, "a finite number > 0")):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(config_path, f"field {name}: expected a mapping of module names to values")
+        for module, value in patterns.items():
+            if not check(value):
+                raise AdapterError(config_path, f"field {name}[{module!r}]: expected {what}, got {value!r}")
+    return config
 
 
 def read_adapter(path: str | Path, allow_pickle: bool = False) -> LoraAdapter:
@@ -144,14 +217,7 @@ def read_adapter(path: str | Path, allow_pickle: bool = False) -> LoraAdapter:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterError(path, f"missing {CONFIG_NAME}")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(config_path, f"invalid JSON: {e}") from e
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(config_path, f"peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    if config.get("use_dora"):
-        raise AdapterError(config_path, "DoRA adapters (use_dora: true) are not supported")
+    config = validate_config(read_json(config_path, AdapterError), config_path)
 
     weights = path / WEIGHTS_NAME
     pickled = False
@@ -163,27 +229,51 @@ def read_adapter(path: str | Path, allow_pickle: bool = False) -> LoraAdapter:
             raise AdapterError(
                 weights,
                 "pickled weights are refused by default because unpickling can execute code; convert the "
-                "adapter to safetensors, or opt in (spec `allow_pickle: true`, CLI `--allow-pickle`) to "
-                "load it with torch.load(weights_only=True)",
+                "adapter to safetensors, or opt in (spec `allow_pickle: true`, or `--allow-pickle` on the "
+                "command line) to load it with torch.load(weights_only=True)",
             )
-        adapter = LoraAdapter(path, config, weights, {}, {}, [], pickled=True)
-        shapes = {k: tuple(v.shape) for k, v in adapter._load_pickled().items()}
+        loaded = LoraAdapter(path, config, weights, {}, {}, [], pickled=True)._load_pickled()
+        shapes = {k: tuple(v.shape) for k, v in loaded.items()}
     else:
         raise AdapterError(path, f"no {WEIGHTS_NAME} (or {PICKLE_NAME})")
 
     modules, other = _pair_modules(weights, shapes)
     adapter = LoraAdapter(path, config, weights, shapes, modules, other, pickled=pickled)
     if pickled:
-        adapter._load_pickled()
+        adapter._cache.update(loaded)
+    for m in modules.values():
+        expected = adapter.module_rank(m.path)
+        if m.rank != expected:
+            raise AdapterError(weights, f"rank {m.rank} (lora_A has {m.rank} rows), but {config_path} gives this "
+                               f"module r = {expected}", key=m.a_key)
     return adapter
+
+
+def read_json(path: Path, error: type = AdapterError):
+    """A JSON file's value; ``error(path, message)`` for unreadable, non-UTF-8, invalid or absurdly nested text."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(path, f"not UTF-8 text: {e}") from None
+    except json.JSONDecodeError as e:
+        raise error(path, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise error(path, "JSON nested too deeply") from None
+    except OSError as e:
+        raise error(path, f"cannot read: {e}") from None
 
 
 def _safetensors_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(str(weights), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(weights, f"not a valid safetensors file: {e}") from e
+    for key, (_, dtype) in header.items():
+        if parse_lora_key(key) and dtype not in FLOAT_DTYPES:
+            raise AdapterError(weights, f"dtype {dtype}: LoRA factors must be floating point "
+                               f"({', '.join(sorted(FLOAT_DTYPES))})", key=key)
+    return {k: shape for k, (shape, _) in header.items()}
 
 
 def _pair_modules(weights: Path, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, LoraModule], list[str]]:
@@ -206,6 +296,9 @@ def _pair_modules(weights: Path, shapes: Mapping[str, tuple[int, ...]]) -> tuple
                 weights, f"lora_A shape {a_shape} and lora_B shape {b_shape} do not form (r, d_in), (d_out, r)",
                 key=ab["A"],
             )
+        if 0 in a_shape or 0 in b_shape:
+            raise AdapterError(weights, f"empty factor: lora_A {a_shape}, lora_B {b_shape} (rank and sizes must "
+                               "be >= 1)", key=ab["A"])
         modules[path] = LoraModule(path, ab["A"], ab["B"], a_shape[0], a_shape[1], b_shape[0])
     if not modules:
         raise AdapterError(weights, "no lora_A/lora_B tensors found")
@@ -216,7 +309,7 @@ def config_only_adapter(path: str | Path, module_shapes: Mapping[str, tuple[int,
     """An adapter described by its adapter_config.json alone (rank, target modules) with module shapes
     (d_in, d_out) taken from the base model's config: enough to plan and size a fusion, not to run one."""
     path = Path(path)
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config = validate_config(read_json(path / CONFIG_NAME), path / CONFIG_NAME)
     r = int(config.get("r", 8))
     shapes: dict[str, tuple[int, ...]] = {}
     for module, (d_in, d_out) in module_shapes.items():
@@ -224,27 +317,6 @@ def config_only_adapter(path: str | Path, module_shapes: Mapping[str, tuple[int,
         shapes[f"base_model.model.{module}.lora_B.weight"] = (d_out, r)
     modules, other = _pair_modules(path / CONFIG_NAME, shapes)
     return LoraAdapter(path, config, path / CONFIG_NAME, shapes, modules, other, config_only=True)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``dest``; rename it into place only if the block succeeds.
-
-    On any exception the temporary directory is removed, so nothing partial is left at ``dest``.
-    """
-    dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise HeteroRayError(f"{dest}: output already exists (use --overwrite)")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_adapter(

@@ -72,8 +72,10 @@ def source_candidates(
 ) -> Iterator[Candidate]:
     """Yield the candidates of one source, in plan order.
 
+    The tokens carry the source's update as PEFT applies it, s·B·A: B is multiplied by the module's scale s
+    (``lora_alpha / r``, rsLoRA and per-module patterns honoured), so a source's ``lora_alpha`` matters.
     ``control`` replaces what the source contributes: ``zero_sources`` gives all-zero tokens (no tensor is
-    read), ``random_sources`` a Gaussian adapter with the same Frobenius norm per module (A and B each).
+    read), ``random_sources`` a Gaussian adapter with the same Frobenius norm per module (A and s·B each).
     """
     if control not in SOURCE_CONTROLS:
         raise ValueError(f"unknown source control {control!r}")
@@ -85,6 +87,7 @@ def source_candidates(
                 a, b = torch.zeros(feed.rank, feed.d_in), torch.zeros(feed.d_out, feed.rank)
             else:
                 a, b = slot_tensors(adapter, slot)
+                b = b.float() * adapter.module_scaling(slot.module.path)
                 if control == "random_sources":
                     a = _equal_norm_random(a, stable_seed(seed, source_id, slot.module.path, slot.role, "A"))
                     b = _equal_norm_random(b, stable_seed(seed, source_id, slot.module.path, slot.role, "B"))

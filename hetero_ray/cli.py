@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 import click
 import yaml
 
-from hetero_ray.errors import HeteroRayError
+from hetero_ray.errors import HeteroRayError, find_input_error
 from hetero_ray.spec import STRATEGY_NAMES, ClusterSpec, MergeSpec, MethodSpec, TrainingSpec
 
 SECTIONS = {"method": MethodSpec, "training": TrainingSpec, "cluster": ClusterSpec, "merge": MergeSpec}
@@ -30,7 +34,9 @@ def spec_flags(fn):
                               help=field.description or f"spec {section}.{name} (default {field.default})")(fn)
     for name, text in TOP_LEVEL.items():
         fn = click.option(f"--{name}", f"top__{name}", default=None, help=text)(fn)
-    return click.option("--overwrite", is_flag=True, help="replace an existing output directory")(fn)
+    fn = click.option("--allow-pickle", is_flag=True,
+                      help="read pickled adapter_model.bin files (torch.load weights_only=True); default: refuse")(fn)
+    return click.option("--overwrite", is_flag=True, help="replace an earlier hetero-ray output at `output`")(fn)
 
 
 def collect_overrides(kwargs: dict) -> dict:
@@ -44,14 +50,18 @@ def collect_overrides(kwargs: dict) -> dict:
                 if (section, name) in PATH_FLAGS and "://" not in str(parsed):
                     parsed = str(Path(str(parsed)).resolve())  # a path given on the command line is cwd-relative
                 out[name if section == "top" else f"{section}.{name}"] = parsed
-    if kwargs.pop("overwrite", False):
-        out["overwrite"] = True
+    for flag in ("overwrite", "allow_pickle"):
+        if kwargs.pop(flag, False):
+            out[flag] = True
     return out
 
 
 @click.group()
 def cli() -> None:
-    """Fuse LoRA experts of different model families into one adapter for a target model (HeteroFusion)."""
+    """Fuse LoRA experts of different model families into one adapter for a target model (HeteroFusion).
+
+    Bad input exits with code 2 and a message naming the file and the field; add --debug anywhere on the
+    command line to see the Python stack of an error."""
 
 
 @cli.command()
@@ -102,14 +112,15 @@ def check(spec: Path, as_json: bool, **kwargs) -> None:
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--family", default=None, help="override the detected family")
 @click.option("--base", type=click.Path(path_type=Path), default=None, help="base model dir or config.json")
-def inspect(adapter: Path, family: str | None, base: Path | None) -> None:
+@click.option("--allow-pickle", is_flag=True, help="read a pickled adapter_model.bin (weights_only=True)")
+def inspect(adapter: Path, family: str | None, base: Path | None, allow_pickle: bool) -> None:
     """Family, layers, roles, ranks, norms, dtype and hash of a LoRA adapter."""
     from hetero_ray.pipeline import open_adapter
 
-    a, topo = open_adapter(adapter, family, base, allow_pickle=False, strict=False)
+    a, topo = open_adapter(adapter, family, base, allow_pickle=allow_pickle, strict=False)
     roles = sorted({r for _, r in topo.slots})
     dtypes = sorted({str(a.tensor(m.b_key).dtype) for m in a.modules.values()})
-    norms = {p: round(float((a.tensor(m.b_key).float() @ a.tensor(m.a_key).float()).norm()), 6)
+    norms = {p: round(float(a.module_scaling(p) * (a.tensor(m.b_key).float() @ a.tensor(m.a_key).float()).norm()), 6)
              for p, m in a.modules.items()}
     click.echo(json.dumps({
         "path": str(adapter), "family": topo.family.name, "layers": topo.n_layers, "roles": roles,
@@ -170,7 +181,8 @@ def evaluate(base: Path, adapters: tuple[Path, ...], tasks: tuple[Path, ...], li
 @cli.command()
 @click.option("--base", type=click.Path(path_type=Path), required=True, help="base model dir (or zoo name)")
 @click.option("--task", "task_file", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="adapter directory to write")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="adapter directory to write (new)")
+@click.option("--overwrite", is_flag=True, help="replace an earlier hetero-ray output at --out")
 @click.option("--take", default="all", help="records: a count, a fraction, or all")
 @click.option("--rank", default=8, show_default=True)
 @click.option("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", show_default=True)
@@ -179,18 +191,19 @@ def evaluate(base: Path, adapters: tuple[Path, ...], tasks: tuple[Path, ...], li
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-length", default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def expert(base: Path, task_file: Path, out: Path, take: str, rank: int, targets: str, steps: int, lr: float,
-           batch_size: int, max_length: int, seed: int) -> None:
+def expert(base: Path, task_file: Path, out: Path, overwrite: bool, take: str, rank: int, targets: str, steps: int,
+           lr: float, batch_size: int, max_length: int, seed: int) -> None:
     """Train a LoRA expert on BASE for one task file."""
     from hetero_ray.experts import ExpertSettings, train_expert
     from hetero_ray.replay import load_records
     from hetero_ray.zoo import get_model
 
-    records = load_records(task_file, yaml.safe_load(take), seed)
+    records = load_records(task_file, yaml.safe_load(take), seed, field="--task")
     settings = ExpertSettings(rank=rank, alpha=2 * rank, targets=tuple(targets.split(",")), steps=steps, lr=lr,
                               batch_size=batch_size, max_length=max_length, seed=seed,
                               extra={"task": task_file.name})
-    card = train_expert(get_model(str(base)), records, out, settings)
+    card = train_expert(get_model(str(base)), records, out, settings, overwrite=overwrite,
+                        inputs={"--task": task_file})
     click.echo(f"{out}: loss {card['loss_first']:.4f} -> {card['loss_last']:.4f} in {card['train_s']:.1f} s")
 
 
@@ -203,18 +216,47 @@ def zoo(name: str) -> None:
     click.echo(str(get_model(name)))
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs: temporary outputs are removed and a local Ray
+    instance this process started is shut down (by Ray's exit handler)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code: 0 done, 2 bad input or setup, 1 internal error, 130/143 stopped."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("HETERO_RAY_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=args, standalone_mode=False)
     except HeteroRayError as e:
-        click.echo(f"error: {e}", err=True)
-        return 2
+        return _fail(f"error: {find_input_error(e) or e}", 2, debug)
     except click.ClickException as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        return 1
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return _fail("interrupted: the output was left as it was", 130, debug)
+    except Terminated:
+        return _fail("terminated: the output was left as it was", 143, debug)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a message, never a bare stack
+        cause = find_input_error(e)
+        if cause is not None:
+            return _fail(f"error: {cause}", 2, debug)
+        return _fail(f"internal error: {type(e).__name__}: {e}\n(a bug in hetero-ray or a dependency; rerun "
+                     "with --debug for the stack)", 1, debug)
     return 0
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    click.echo(message, err=True)
+    return code
 
 
 def run() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +92,16 @@ class FusionClient:
         return FusionOutput(Path(found[-1]["output"]), Path(found[-1]["report"]))
 
 
-def fuse(spec: FusionSpec | str | Path, address: str | None = None):
-    """Run one fusion from this process (local Ray instance unless ``address``); returns the FusionResult."""
-    from hetero_ray.distributed import fuse as fuse_distributed
+def run(spec: FusionSpec | str | Path, address: str | None = None, use_ray: bool = True,
+        on_progress: Callable[[dict], None] | None = None) -> FusionOutput:
+    """Run one fusion from this process with ``spec.strategy`` (the same path as ``hetero-ray fuse``): on a
+    local Ray instance unless ``address`` names a cluster, or in this process with ``use_ray=False``."""
     from hetero_ray.spec import load_spec
+    from hetero_ray.strategies import run_strategy
 
     loaded = spec if isinstance(spec, FusionSpec) else load_spec(spec)
-    return fuse_distributed(loaded, address)
+    output = run_strategy(loaded, address, use_ray=use_ray, on_progress=on_progress)
+    return FusionOutput(output, output / "fusion_report.json")
+
+
+fuse = run  # the earlier name of :func:`run`

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from hetero_ray.actors import FamilyActor
 from hetero_ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
 from hetero_ray.candidates import CANDIDATE_SCHEMA
-from hetero_ray.errors import HeteroRayError
+from hetero_ray.errors import ClusterError, HeteroRayError
 from hetero_ray.export import export_fused_adapter
 from hetero_ray.faults import fault_spec
 from hetero_ray.pipeline import (
@@ -32,10 +34,11 @@ from hetero_ray.pipeline import (
     net_configs,
     open_source,
     open_target,
+    replay_records,
     resolve_block_size,
 )
 from hetero_ray.progress import progress_sink, train_callback
-from hetero_ray.replay import load_records, tokenize
+from hetero_ray.replay import tokenize
 from hetero_ray.spec import FusionSpec
 from hetero_ray.topology.align import AlignmentPlan
 
@@ -56,14 +59,35 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/hetero-ray/torch_extensions"))
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's core worker installs a native SIGTERM handler that aborts the process; keep the caller's Python
+    # handler (the CLI's turns SIGTERM into a clean exit: no partial output, Ray shut down)
+    on_term = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False,
                  _node_ip_address="127.0.0.1")
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
     # hetero-ray reports its own progress (HETERO_RAY_PROGRESS lines and terminal bars); Ray Data's per-dataset
     # bars from every worker would bury them
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def check_resources(spec: FusionSpec) -> None:
+    """Refuse a run the cluster can never place (Ray Train would wait for worker slots forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    c = spec.cluster
+    need = c.workers * c.cpus_per_worker
+    if need > total.get("CPU", 0):
+        raise ClusterError(f"cluster.workers: {c.workers} workers x cluster.cpus_per_worker {c.cpus_per_worker} "
+                           f"need {need:g} CPUs, but the Ray cluster has {total.get('CPU', 0):g} CPUs "
+                           f"({len(ray.nodes())} node(s)); lower cluster.workers or add nodes")
+    if c.use_gpu and c.workers > total.get("GPU", 0):
+        raise ClusterError(f"cluster.workers: {c.workers} GPU workers (cluster.use_gpu), but the Ray cluster has "
+                           f"{total.get('GPU', 0):g} GPUs")
 
 
 def empty_candidates():
@@ -97,7 +121,9 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     per_family = {fam: sum(1 for f, _, _ in what.values() if f == fam) for fam in families}
     pending, done = list(refs), 0
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)  # wakes for SIGTERM / Ctrl-C
+        if not ready:
+            continue
         ray.get(ready)  # surfaces an alignment error at once
         done += 1
         if on_progress:
@@ -115,7 +141,7 @@ def replay_dataset(spec: FusionSpec, tokenizer):
     """The replay records, tokenized with the target's tokenizer and chat template in Ray Data."""
     import ray
 
-    records = [r for i, rs in enumerate(spec.replay) for r in load_records(rs.path, rs.take, spec.seed + i)]
+    records = replay_records(spec)
     rows = [{"index": i, "record": json.dumps(r)} for i, r in enumerate(records)]
     base, max_length = str(spec.target.base), spec.training.max_length
 
@@ -179,6 +205,8 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     sources = [open_source(spec, i) for i in range(len(spec.sources))]  # headers only: shapes and families
     plan = align(spec, ttopo, [t for _, t in sources])
     block = resolve_block_size(spec, plan)
+    if spec.control != "replay_only":
+        net_configs(spec, plan, block)  # refuses sizes the nets cannot take before any work starts
     tokenizer = load_tokenizer(spec.target.base)
     fs, root = _storage(spec)
     name = spec.resolved_name()
@@ -190,6 +218,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
         final = Checkpoint(path=f"{root}/{name}/final", filesystem=fs)
         return _write(spec, plan, block, target, sources, final, {**timings, "train_s": 0.0, "align_s": 0.0})
     ensure_ray(address)
+    check_resources(spec)
 
     t0 = time.perf_counter()
     # replay_only reads no source tensor: the workers get an empty candidate stream
@@ -221,31 +250,33 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
 
 
 def _fit_with_progress(trainer, sink, on_progress):
-    """trainer.fit(), passing the controller's training events to ``on_progress`` from a polling thread."""
-    import threading
-
+    """trainer.fit() on a helper thread while this thread relays the controller's training events to
+    ``on_progress``. This thread wakes every half second, so SIGTERM and Ctrl-C are handled at once: a thread
+    blocked inside Ray's native wait runs no Python signal handler."""
     import ray
 
-    if sink is None:
-        return trainer.fit()
-    stop = threading.Event()
+    outcome: dict = {}
 
-    def poll():
-        while True:
-            finished = stop.wait(0.5)
-            for event in ray.get(sink.drain.remote()):
-                on_progress(event)
-            if finished:
-                return
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+            outcome["error"] = e
 
-    thread = threading.Thread(target=poll, daemon=True)
+    thread = threading.Thread(target=fit, name="hetero-ray-fit", daemon=True)
     thread.start()
     try:
-        return trainer.fit()
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            if sink is not None:
+                for event in ray.get(sink.drain.remote()):
+                    on_progress(event)
     finally:
-        stop.set()
-        thread.join(timeout=10)
-        ray.kill(sink)
+        if sink is not None:
+            ray.kill(sink)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _write(spec, plan, block, target, sources, checkpoint, timings) -> FusionResult:

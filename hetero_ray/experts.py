@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.adapters import atomic_output_dir, file_sha256
+from hetero_ray.adapters import file_sha256
+from hetero_ray.outputs import atomic_output_dir, check_replaceable, check_spares_inputs
 from hetero_ray.replay import collate, tokenize
 from hetero_ray.trainer import cosine_schedule, lm_loss
 
@@ -52,9 +53,14 @@ def expert_key(base: str | Path, records: Sequence[dict], settings: ExpertSettin
 
 
 def train_expert(base: str | Path, records: Sequence[dict], out_dir: str | Path, settings: ExpertSettings,
-                 on_step: Callable[[dict], None] | None = None, device: str = "cpu") -> dict:
+                 on_step: Callable[[dict], None] | None = None, device: str = "cpu", overwrite: bool = False,
+                 inputs: dict[str, Path] | None = None) -> dict:
     """Fine-tune a LoRA adapter on ``records`` and write it (PEFT format + ``expert.json``) to ``out_dir``
-    atomically. Returns the card: key, losses, time, settings."""
+    atomically. ``out_dir`` must be new, or (``overwrite``) an earlier hetero-ray output, and never be, hold or
+    lie inside the base or any of ``inputs`` (checked before training). Returns the card: key, losses, time,
+    settings."""
+    check_spares_inputs(Path(out_dir), {"base": Path(base), **(inputs or {})}, "expert", field="out")
+    check_replaceable(Path(out_dir), overwrite, "expert: out")
     from peft import LoraConfig, get_peft_model
 
     from hetero_ray.pipeline import load_tokenizer
@@ -95,7 +101,7 @@ def train_expert(base: str | Path, records: Sequence[dict], out_dir: str | Path,
     card = {"key": expert_key(base, records, settings), "base": str(base), "base_sha256": base_fingerprint(base),
             "n_records": len(records), "settings": asdict(settings), "loss_first": losses[0],
             "loss_last": losses[-1], "losses": losses, "train_s": time.perf_counter() - start}
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp))
         (tmp / EXPERT_CARD).write_text(json.dumps(card, indent=1))
     return card
@@ -112,4 +118,4 @@ def cached_expert(cache: str | Path, name: str, base: str | Path, records: Seque
         card = json.loads(card_path.read_text())
         card["cached"] = True
         return out, card
-    return out, train_expert(base, records, out, settings, on_step, device)
+    return out, train_expert(base, records, out, settings, on_step, device, overwrite=True)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.adapters import AdapterError, LoraAdapter, atomic_output_dir, write_adapter
+from hetero_ray.adapters import AdapterError, LoraAdapter, write_adapter
+from hetero_ray.outputs import atomic_output_dir
 from hetero_ray.plots import write_plots
 
 REPORT_NAME = "fusion_report.json"

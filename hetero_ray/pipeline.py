@@ -16,20 +16,30 @@ from hetero_ray.adapters import LoraAdapter, file_sha256, read_adapter
 from hetero_ray.candidates import Candidate, source_candidates
 from hetero_ray.denoise.fusion import DirectDelta, FusionNet, GroupInputs, assemble_groups, attention_mass
 from hetero_ray.denoise.transfer_net import PAPER, TransferNetConfig, auto_sizes
-from hetero_ray.errors import HeteroRayError
+from hetero_ray.errors import HeteroRayError, SpecError
 from hetero_ray.export import export_fused_adapter, versions
 from hetero_ray.replay import Example, load_records, tokenize
 from hetero_ray.spec import FusionSpec
 from hetero_ray.topology.align import AlignmentPlan, plan_alignment
 from hetero_ray.topology.blocks import n_blocks
-from hetero_ray.topology.families import ModelDims, Topology, build_topology, detect_family, read_base_config
+from hetero_ray.topology.families import (
+    ModelDims,
+    Topology,
+    build_topology,
+    check_against_base,
+    detect_family,
+    find_base_config,
+)
 
 
 def open_adapter(path: Path, family: str | None, base: Path | None, allow_pickle: bool, strict: bool
                  ) -> tuple[LoraAdapter, Topology]:
     adapter = read_adapter(path, allow_pickle=allow_pickle)
-    config = read_base_config(adapter, base)
+    found = find_base_config(adapter, base)
+    config = found[1] if found else None
     fam = detect_family(adapter, config, family)
+    if found:
+        check_against_base(adapter, fam, *reversed(found))
     dims = ModelDims.from_config(config) if config else None
     return adapter, build_topology(adapter, fam, dims, strict=strict)
 
@@ -79,9 +89,16 @@ def net_configs(spec: FusionSpec, plan: AlignmentPlan, block_size: int) -> dict[
     pick = lambda v, k: auto[k] if v == "auto" else int(v)  # noqa: E731
     embed = pick(m.embed_dim, "embed_dim")
     heads = pick(m.num_heads, "num_heads") if m.num_heads != "auto" else max(1, math.gcd(embed, auto["num_heads"]))
+    if embed % heads:
+        raise SpecError(f"method.num_heads: {heads} heads do not divide method.embed_dim {embed} (set both, or "
+                        "leave num_heads: auto)")
+    positions = pick(m.max_positions, "max_positions")
+    longest = max((max(v) for v in lengths.values()), default=0)
+    if longest > positions:
+        raise SpecError(f"method.max_positions: {positions}, but the longest token sequence is {longest} (at "
+                        f"block_size {block_size}); raise it or leave it auto")
     return {
-        name: TransferNetConfig(block_size, entries[0].rank, embed, heads, pick(m.max_positions, "max_positions"),
-                                m.mu_gate)
+        name: TransferNetConfig(block_size, entries[0].rank, embed, heads, positions, m.mu_gate)
         for name, entries in plan.groups().items()
     }
 
@@ -101,9 +118,14 @@ def candidates_of(spec: FusionSpec, plan: AlignmentPlan, index: int, adapter: Lo
     return source_candidates(plan, index, adapter, topo, block_size, control, spec.seed)
 
 
+def replay_records(spec: FusionSpec) -> list[dict]:
+    """Every replay record the spec selects (``take`` applied with a seeded shuffle per file)."""
+    return [r for i, rs in enumerate(spec.replay)
+            for r in load_records(rs.path, rs.take, spec.seed + i, field=f"replay[{i}]")]
+
+
 def replay_examples(spec: FusionSpec, tokenizer) -> list[Example]:
-    records = [r for i, rs in enumerate(spec.replay) for r in load_records(rs.path, rs.take, spec.seed + i)]
-    return tokenize(tokenizer, records, spec.training.max_length)
+    return tokenize(tokenizer, replay_records(spec), spec.training.max_length)
 
 
 def load_tokenizer(base: Path):

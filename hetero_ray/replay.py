@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.errors import HeteroRayError
+from hetero_ray.errors import DataError
 
 IGNORE = -100
 
@@ -21,27 +21,41 @@ class Example:
     labels: list[int]
 
 
-def load_records(path: str | Path, take: int | float | str = "all", seed: int = 0) -> list[dict]:
-    """Records from a JSON list or JSONL file. ``take``: a count, a fraction in (0, 1], or "all"; a subset
-    is the first n records of a seeded shuffle."""
+def load_records(path: str | Path, take: int | float | str = "all", seed: int = 0, field: str = "data") -> list[dict]:
+    """Records from a JSON list or JSONL file (UTF-8). ``take``: a count, a fraction in (0, 1], or "all"; a
+    subset is the first n records of a seeded shuffle. Raises DataError naming ``field``, the file and the
+    record for a missing, unreadable, empty or malformed file, or a count larger than the file holds."""
     path = Path(path)
+    where = f"{field}: {path}"
     if not path.is_file():
-        raise HeteroRayError(f"{path}: replay file not found")
-    text = path.read_text()
+        raise DataError(f"{where}: file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text ({e})") from None
     try:
         records = json.loads(text) if text.lstrip().startswith("[") else [
             json.loads(line) for line in text.splitlines() if line.strip()
         ]
     except json.JSONDecodeError as e:
-        raise HeteroRayError(f"{path}: invalid JSON/JSONL: {e}") from e
+        raise DataError(f"{where}: invalid JSON/JSONL: {e}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply") from None
+    if not records:
+        raise DataError(f"{where}: no records (an empty file trains nothing)")
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
-            raise HeteroRayError(f"{path}: record {i} needs `instruction` and `output` fields")
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or "output" not in r:
+            raise DataError(f"{where}: record {i} needs a string `instruction` and an `output` field")
+        if r.get("input") is not None and not isinstance(r["input"], str):
+            raise DataError(f"{where}: record {i}: `input` must be a string, got {type(r['input']).__name__}")
     if take == "all":
         return records
     n = int(round(float(take) * len(records))) if isinstance(take, float) and take <= 1 else int(take)
+    if n > len(records):
+        raise DataError(f"{where}: take is {take} but the file holds {len(records)} records; lower `take` or "
+                        "use take: all")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [records[i] for i in sorted(order[:n])]
+    return [records[i] for i in sorted(order[:max(1, n)])]
 
 
 def prompt_text(record: dict) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -14,11 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hetero_ray.errors import SpecError
 
 Auto = Literal["auto"]
-CONTROLS = ("none", "zero_sources", "random_sources", "replay_only")
+Positive = Annotated[int, Field(gt=0)]
+# a run name becomes a directory under cluster.storage: one plain path component
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TargetSpec(_Strict):
@@ -36,7 +38,14 @@ class SourceSpec(_Strict):
 
 class ReplaySpec(_Strict):
     path: Path
-    take: int | float | Literal["all"] = "all"
+    take: int | float | Literal["all"] = Field("all", description="a count, a fraction in (0, 1], or all")
+
+    @field_validator("take", mode="before")
+    @classmethod
+    def _not_bool(cls, v):
+        if isinstance(v, bool):
+            raise ValueError("take must be a positive count, a fraction in (0, 1], or 'all', not a boolean")
+        return v
 
     @field_validator("take")
     @classmethod
@@ -53,16 +62,23 @@ class MethodSpec(_Strict):
                                              "block 4096, width 1024, 8 heads, 4096 positions")
     alignment: str = "tail"
     transfer_ratio: float = Field(1.0, gt=0, le=1)
-    block_size: int | Auto = "auto"
-    embed_dim: int | Auto = "auto"
-    num_heads: int | Auto = "auto"
-    max_positions: int | Auto = "auto"
+    block_size: Positive | Auto = "auto"
+    embed_dim: Positive | Auto = "auto"
+    num_heads: Positive | Auto = "auto"
+    max_positions: Positive | Auto = "auto"
     alpha_init: float = 0.3
     mu_gate: float = 0.1
     lambda_reg: float = Field(0.005, ge=0)
     mu_target: float = 0.0
     sigma_target: float = Field(1.0, gt=0)
     num_projections: int = Field(2048, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> MethodSpec:
+        if isinstance(self.embed_dim, int) and isinstance(self.num_heads, int) and self.embed_dim % self.num_heads:
+            raise ValueError(f"num_heads {self.num_heads} does not divide embed_dim {self.embed_dim} (attention "
+                             "splits the width evenly across heads)")
+        return self
 
 
 class TrainingSpec(_Strict):
@@ -101,8 +117,8 @@ class MergeSpec(_Strict):
 
 
 class FusionSpec(_Strict):
-    name: str | None = None
-    seed: int = 0
+    name: str | None = Field(None, pattern=RUN_NAME, description="run name: letters, digits, '.', '_', '-'")
+    seed: int = Field(0, ge=0, lt=2**32)
     output: Path
     overwrite: bool = False
     target: TargetSpec
@@ -124,6 +140,12 @@ class FusionSpec(_Strict):
         ids = [s.id or s.adapter.name for s in self.sources]
         if len(set(ids)) != len(ids):
             raise ValueError(f"sources must have distinct ids (set `id:`), got {ids}")
+        seen = {self.target.adapter.resolve(): "target.adapter"}
+        for i, s in enumerate(self.sources):
+            where = seen.setdefault(s.adapter.resolve(), f"sources[{i}].adapter")
+            if where != f"sources[{i}].adapter":
+                raise ValueError(f"sources[{i}].adapter {s.adapter} is the same adapter as {where}; each source "
+                                 "must be a different expert, and the target is not a source")
         return self
 
     def source_ids(self) -> list[str]:
@@ -135,22 +157,54 @@ class FusionSpec(_Strict):
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
-    def check_files(self, origin: str = "spec") -> None:
-        """Every input path exists; raises SpecError naming the field."""
-        checks = [("target.base", self.target.base), ("target.adapter", self.target.adapter)]
-        checks += [(f"sources[{i}].adapter", s.adapter) for i, s in enumerate(self.sources)]
-        checks += [(f"sources[{i}].base", s.base) for i, s in enumerate(self.sources) if s.base]
-        checks += [(f"replay[{i}].path", r.path) for i, r in enumerate(self.replay)]
-        for field_name, path in checks:
+    def input_paths(self) -> dict[str, Path]:
+        """Every input the spec names, by field (``target.base``, ``sources[0].adapter``, ``replay[1].path``, ...)."""
+        paths = {"target.base": self.target.base, "target.adapter": self.target.adapter}
+        for i, s in enumerate(self.sources):
+            paths[f"sources[{i}].adapter"] = s.adapter
+            if s.base:
+                paths[f"sources[{i}].base"] = s.base
+        paths.update({f"replay[{i}].path": r.path for i, r in enumerate(self.replay)})
+        return paths
+
+    def run_dir(self) -> Path | None:
+        """Where run state and checkpoints go on a local ``cluster.storage`` (None for a remote URI)."""
+        storage = self.cluster.storage
+        return None if "://" in storage else Path(storage) / self.resolved_name()
+
+    def check_files(self, origin: str = "spec", spec_file: Path | None = None) -> None:
+        """Before any work: every input exists and is of the right kind, every replay file holds usable
+        records, and neither the output nor the run directory is, contains or lies inside an input (symlinks
+        resolved). Raises SpecError / DataError / OutputError naming the field."""
+        from hetero_ray.outputs import check_replaceable, check_spares_inputs
+        from hetero_ray.replay import load_records
+
+        inputs = self.input_paths()
+        for field_name, path in inputs.items():
             if not path.exists():
                 raise SpecError(f"{origin}: {field_name}: {path} does not exist")
-        if self.output.exists() and not self.overwrite:
-            raise SpecError(f"{origin}: output: {self.output} already exists (set overwrite: true or --overwrite)")
+            want_dir = field_name.endswith(".adapter") or field_name == "target.base"
+            if want_dir and not path.is_dir():
+                raise SpecError(f"{origin}: {field_name}: {path} is not a directory")
+            if field_name.startswith("replay") and not path.is_file():
+                raise SpecError(f"{origin}: {field_name}: {path} is not a file")
+        if not (self.target.base / "config.json").is_file():
+            raise SpecError(f"{origin}: target.base: {self.target.base} has no config.json (a local Hugging Face "
+                            "model directory is expected)")
+        for i, r in enumerate(self.replay):
+            load_records(r.path, r.take, self.seed + i, field=f"{origin}: replay[{i}]")
+        protected = {**inputs, **({"spec file": spec_file} if spec_file else {})}
+        check_spares_inputs(self.output, protected, origin)
+        check_replaceable(self.output, self.overwrite, f"{origin}: output")
+        if self.run_dir() is not None:
+            check_spares_inputs(self.run_dir(), protected, origin, field="cluster.storage/name (the run directory)")
 
 
 def _resolve(data: dict, root: Path) -> dict:
     def fix(p):
-        return str(p if Path(p).is_absolute() else root / p) if p is not None else None
+        if not isinstance(p, str | Path):
+            return p  # pydantic names the field and the wrong type
+        return str(p if Path(p).is_absolute() else root / p)
 
     data = dict(data)
     if "output" in data:
@@ -191,15 +245,23 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> FusionSpec:
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text: {e}") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: invalid YAML: {e}") from e
+        raise SpecError(f"{path}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: YAML nested too deeply") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got a YAML {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"{path}: {p}: expected a mapping (to set {dotted} from the command line)")
         node[leaf] = value
     spec = parse_spec(data, path.parent, origin=str(path))
-    spec.check_files(origin=str(path))
+    spec.check_files(origin=str(path), spec_file=path)
     return spec

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.adapters import LoraAdapter, atomic_output_dir, write_adapter
+from hetero_ray.adapters import LoraAdapter, write_adapter
 from hetero_ray.candidates import slot_tensors
 from hetero_ray.errors import HeteroRayError
+from hetero_ray.outputs import atomic_output_dir
 from hetero_ray.spec import FusionSpec
 
 
@@ -82,7 +83,7 @@ def run_spec(spec: FusionSpec) -> FusionSpec:
 
 def product(adapter: LoraAdapter, path: str) -> torch.Tensor:
     a, b = adapter.module_tensors(path)
-    return adapter.scaling * (b.double() @ a.double())
+    return adapter.module_scaling(path) * (b.double() @ a.double())
 
 
 def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -153,7 +154,7 @@ def target_only(spec: FusionSpec):
     out = {}
     for path in target.modules:
         a, b = target.module_tensors(path)
-        out[path] = (a.double(), target.scaling * b.double())
+        out[path] = (a.double(), target.module_scaling(path) * b.double())
     return *_uniform_rank(out), {}
 
 
@@ -167,7 +168,7 @@ def task_arithmetic(spec: FusionSpec):
         parts = []
         for wi, ad in zip(w, adapters, strict=True):
             a, b = ad.module_tensors(path)
-            parts.append((wi * ad.scaling, b.double(), a.double()))
+            parts.append((wi * ad.module_scaling(path), b.double(), a.double()))
         out[path] = _concat(parts)
     return *_uniform_rank(out), {}
 
@@ -240,7 +241,7 @@ def naive_transfer(spec: FusionSpec):
     parts: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
     for path in target.modules:
         a, b = target.module_tensors(path)
-        parts[path] = [(w[0] * target.scaling, b.double(), a.double())]
+        parts[path] = [(w[0] * target.module_scaling(path), b.double(), a.double())]
     for e in plan.entries:
         slot = ttopo.slots[(e.layer, e.role)]
         if slot.fused and e.feeds:
@@ -250,7 +251,7 @@ def naive_transfer(spec: FusionSpec):
             adapter, topo = sources[f.source]
             sa, sb = slot_tensors(adapter, topo.slots[(f.source_layer, e.role)])
             sa, sb = _fit(sa.double(), 1, e.d_in), _fit(sb.double(), 0, e.d_out)
-            parts[slot.module.path].append((w[1 + f.source] * adapter.scaling, sb, sa))
+            parts[slot.module.path].append((w[1 + f.source] * adapter.module_scaling(slot.module.path), sb, sa))
     # modules fed by fewer sources are zero-padded to the common rank
     return *_uniform_rank({path: _concat(p) for path, p in parts.items()}), {"alignment": plan.to_dict()}
 
@@ -303,9 +304,27 @@ def completed(spec: FusionSpec) -> bool:
 
 def run_strategy(spec: FusionSpec, address: str | None = None, use_ray: bool = True,
                  on_progress: Callable[[dict], None] | None = None) -> Path:
-    """Run ``spec.strategy``; returns the output adapter directory."""
+    """Run ``spec.strategy``; returns the output adapter directory. Every input is checked and protected
+    before any work; an input error raised inside a Ray actor or worker comes back as itself."""
+    from hetero_ray.errors import find_input_error
+
     strategy = STRATEGIES[spec.strategy]
+    spec.check_files()
+    try:
+        return _run(strategy, spec, address, use_ray, on_progress)
+    except Exception as e:
+        cause = find_input_error(e)
+        if cause is None or cause is e:
+            raise
+        raise cause from None
+
+
+def _run(strategy: Strategy, spec: FusionSpec, address: str | None, use_ray: bool,
+         on_progress: Callable[[dict], None] | None) -> Path:
     if strategy.kind == "trained":
+        from hetero_ray.target import check_base_dir
+
+        check_base_dir(spec.target.base, "target.base")
         run = run_spec(spec)
         if use_ray:
             from hetero_ray.distributed import fuse
@@ -314,7 +333,6 @@ def run_strategy(spec: FusionSpec, address: str | None = None, use_ray: bool = T
         from hetero_ray.pipeline import fuse_local
 
         return fuse_local(run, on_step=(lambda m: on_progress({"stage": "train", **m})) if on_progress else None).output
-    spec.check_files()
     t0 = time.perf_counter()
     factors, rank, extra = strategy.merge(spec)
     return write_merged(spec, factors, rank, extra, {"merge_s": time.perf_counter() - t0})

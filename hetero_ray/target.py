@@ -22,10 +22,20 @@ def load_base_model(base: str | Path, dtype: torch.dtype = torch.float32):
     """A causal LM from a local HF directory (config.json + weights); never downloads."""
     from transformers import AutoModelForCausalLM
 
+    check_base_dir(base)
+    return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, local_files_only=True)
+
+
+def check_base_dir(base: str | Path, field: str = "base model") -> None:
+    """A local HF model directory with config.json and safetensors weights (the only weights hetero-ray reads)."""
     base = Path(base)
     if not (base / "config.json").is_file():
-        raise HeteroRayError(f"{base}: not a local model directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, local_files_only=True)
+        raise HeteroRayError(f"{field}: {base}: not a local model directory (no config.json)")
+    if not any(base.glob("*.safetensors")):
+        others = sorted(p.name for p in base.glob("*.bin")) + sorted(p.name for p in base.glob("*.pt"))
+        raise HeteroRayError(f"{field}: {base}: no *.safetensors weights" + (
+            f" (found {', '.join(others)}: pickled weights are not read; convert them to safetensors)" if others
+            else "; the directory holds a config without a model"))
 
 
 def load_target(base: str | Path, adapter: LoraAdapter, dtype: torch.dtype = torch.float32):

@@ -1,6 +1,7 @@
 """The distributed pipeline on a local Ray instance shared by this module: FamilyActors -> Ray Data ->
 DeepSpeed aggregator on Ray Train -> writer."""
 
+import contextlib
 import json
 import os
 import re
@@ -164,9 +165,26 @@ def ray_head(tmp_path_factory):
                     f"--runtime-env-agent-port={agent[2]}", f"--metrics-export-port={agent[3]}"],
                    check=True, env=env, capture_output=True)
     yield f"http://127.0.0.1:{dash}", env, ray_bin
-    subprocess.run(["pkill", "-f", str(temp)], check=False)
-    time.sleep(2)
+    stop_processes_using(temp)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_processes_using(path: Path, grace_s: float = 15) -> None:
+    """SIGTERM every process whose command line names ``path``, then SIGKILL what is left after ``grace_s``
+    (the GCS server may outlive a SIGTERM): the suite leaves nothing running."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        if str(path) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+            procs.append(p)
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _submit(address, env, ray_bin, spec, tmp_path, **cluster):

@@ -46,8 +46,11 @@ def test_aligning_an_adapter_to_itself_is_identity(zoo):
     from hetero_ray.candidates import slot_tensors, source_candidates
 
     for c in source_candidates(plan, 0, adapter, topo, block_size=64):
-        a, b = slot_tensors(adapter, topo.slots[(c.target_layer, c.role)])
-        tokens, sigmas, _ = module_tokens(a, b, 64)
+        slot = topo.slots[(c.target_layer, c.role)]
+        a, b = slot_tensors(adapter, slot)
+        # the tokens carry the update as PEFT applies it: s * B A, s = lora_alpha / r = 2 here
+        assert adapter.module_scaling(slot.module.path) == 2.0
+        tokens, sigmas, _ = module_tokens(a, 2.0 * b, 64)
         torch.testing.assert_close(c.tokens, tokens, rtol=0, atol=0)
 
 
@@ -129,7 +132,16 @@ def test_unknown_family_and_unmappable_key_are_clear_errors(zoo, tmp_path):
     adapter = read_adapter(zoo["qwen2-lora"])
     with pytest.raises(FamilyError, match="unknown family 'falcon'.*known families: .*gemma3"):
         detect_family(adapter, None, "falcon")
+    adapter.config["base_model_name_or_path"] = None
+    # what PEFT writes for a model built from a config: the family is in auto_mapping alone
+    assert adapter.config["auto_mapping"]["base_model_class"] == "Qwen2ForCausalLM"
+    assert detect_family(adapter, None, None).name == "qwen2"
+    adapter.config["auto_mapping"] = {"parent_library": "transformers.models.mistral.modeling_mistral"}
+    assert detect_family(adapter, None, None).name == "mistral"
+    adapter.config["auto_mapping"] = {"base_model_class": "Gemma3ForConditionalGeneration"}
+    assert detect_family(adapter, None, None).name == "gemma3"
     adapter.config["base_model_name_or_path"] = "some/unknown-model"
+    adapter.config["auto_mapping"] = None
     with pytest.raises(FamilyError, match="cannot detect the model family.*set `family:`"):
         detect_family(adapter, None, None)
     with pytest.raises(FamilyError, match="no canonical role in family 'gpt2'|no module matches family 'gpt2'"):

@@ -7,14 +7,13 @@ Fused projections (Phi-3 ``qkv_proj`` and ``gate_up_proj``, GPT-2 ``c_attn``, GP
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hetero_ray.adapters import LoraAdapter, LoraModule
-from hetero_ray.errors import FamilyError
+from hetero_ray.adapters import LoraAdapter, LoraModule, read_json
+from hetero_ray.errors import AdapterError, FamilyError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -223,44 +222,101 @@ register_family(
 )
 
 
-def read_base_config(adapter: LoraAdapter, base: str | Path | None = None) -> dict | None:
-    """The base model's config.json: from ``base`` (a directory or a config.json file), else from the
-    adapter's ``base_model_name_or_path`` when that is a local directory; None when neither exists."""
+def find_base_config(adapter: LoraAdapter, base: str | Path | None = None) -> tuple[Path, dict] | None:
+    """(path, contents) of the base model's config.json: from ``base`` (a directory or a config.json file),
+    else from the adapter's ``base_model_name_or_path`` when that is a local directory; None when neither
+    exists."""
     candidates = [Path(base)] if base else []
-    if adapter.base_model_path:
+    if isinstance(adapter.base_model_path, str) and adapter.base_model_path:
         candidates.append(Path(adapter.base_model_path))
     for c in candidates:
         path = c / "config.json" if c.is_dir() else c
         if path.is_file() and path.suffix == ".json":
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise FamilyError(f"{path}: invalid JSON: {e}") from e
+            config = read_json(path, lambda p, m: FamilyError(f"{p}: {m}"))
+            if not isinstance(config, dict):
+                raise FamilyError(f"{path}: expected a JSON object, got a JSON {type(config).__name__}")
+            return path, config
     return None
 
 
+def read_base_config(adapter: LoraAdapter, base: str | Path | None = None) -> dict | None:
+    """The base model's config.json contents (see :func:`find_base_config`), or None."""
+    found = find_base_config(adapter, base)
+    return found[1] if found else None
+
+
+def _peft_model_types(adapter: LoraAdapter) -> list[str]:
+    """Model types named by PEFT's own fields: ``auto_mapping.base_model_class`` (``Qwen2ForCausalLM``) and
+    ``auto_mapping.parent_library`` (``transformers.models.qwen2.modeling_qwen2``), written for models
+    built from a config, where ``base_model_name_or_path`` is null."""
+    mapping = adapter.config.get("auto_mapping")
+    if not isinstance(mapping, dict):
+        return []
+    found = []
+    library = mapping.get("parent_library")
+    if isinstance(library, str) and (m := re.search(r"\.models\.([a-z0-9_]+)\.", library)):
+        found.append(m[1])
+    cls = mapping.get("base_model_class")
+    if isinstance(cls, str) and (m := re.match(r"([A-Za-z0-9]+?)(?:ForCausalLM|ForConditionalGeneration|Model)$", cls)):
+        found.append(m[1].lower())
+    return found
+
+
 def detect_family(adapter: LoraAdapter, base_config: Mapping | None = None, override: str | None = None) -> Family:
-    """The adapter's family: ``override`` if given, else the base config's model_type, else a hint in the
-    adapter's ``base_model_name_or_path``. Raises FamilyError listing what was found."""
+    """The adapter's family: ``override`` if given, else the base config's model_type, else the model type in
+    PEFT's ``auto_mapping``, else a hint in the adapter's ``base_model_name_or_path``. Raises FamilyError
+    listing what was found."""
     if override:
         return get_family(override)
     model_type = None
+    types: list[str] = []
     if base_config:
         model_type = base_config.get("model_type")
-        text_type = (base_config.get("text_config") or {}).get("model_type")
+        types += [model_type, (base_config.get("text_config") or {}).get("model_type")]
+    types += _peft_model_types(adapter)
+    for t in filter(None, types):
         for family in FAMILIES.values():
-            if model_type in family.model_types or (text_type and text_type in family.model_types):
+            if t in family.model_types:
                 return family
-    name = (adapter.base_model_path or "").lower()
+    name = adapter.base_model_path.lower() if isinstance(adapter.base_model_path, str) else ""
     for family in FAMILIES.values():
         if any(h in name for h in family.name_hints):
             return family
     sample = ", ".join(list(adapter.modules)[:3])
     raise FamilyError(
         f"{adapter.path}: cannot detect the model family (model_type={model_type!r}, "
-        f"base_model_name_or_path={adapter.base_model_path!r}, modules like {sample}); "
-        f"set `family:` to one of {', '.join(sorted(FAMILIES))}"
+        f"base_model_name_or_path={adapter.base_model_path!r}, auto_mapping={adapter.config.get('auto_mapping')!r}, "
+        f"modules like {sample}); set `family:` to one of {', '.join(sorted(FAMILIES))}"
     )
+
+
+def check_against_base(adapter: LoraAdapter, family: Family, config: Mapping, config_path: Path) -> None:
+    """The adapter's module shapes and layers must be those of the base model its config.json describes.
+    Raises AdapterError naming the tensor, its shape and the config's values."""
+    text = config.get("text_config") or config
+    n_layers = text.get("num_hidden_layers")
+    expected: dict[str, tuple[int, int]] = {}
+    if family.shapes is not None:
+        try:
+            expected = family.shapes(config)
+        except (FamilyError, KeyError, TypeError, ZeroDivisionError) as e:
+            raise FamilyError(f"{config_path}: cannot derive {family.name} module shapes: {e}") from None
+    dims = ModelDims.from_config(config)
+    sizes = (f"hidden_size {dims.hidden_size}, {dims.num_heads} heads, {dims.num_kv_heads} kv heads, head_dim "
+             f"{dims.head_dim}, intermediate_size {text.get('intermediate_size')}") if dims else ""
+    for path, m in adapter.modules.items():
+        loc = family.locate(path)
+        if loc is None:
+            continue
+        layer, name = loc
+        if isinstance(n_layers, int) and layer >= n_layers:
+            raise AdapterError(adapter.weights_path, f"module in layer {layer}, but {config_path} has "
+                               f"num_hidden_layers {n_layers}", key=m.a_key)
+        want = expected.get(name)
+        if want is not None and (m.d_in, m.d_out) != want:
+            raise AdapterError(adapter.weights_path, f"{name} has d_in {m.d_in}, d_out {m.d_out} in the tensors, but "
+                               f"{config_path} ({sizes}) gives d_in {want[0]}, d_out {want[1]}: the adapter was "
+                               "not trained on this base", key=m.b_key)
 
 
 @dataclass(frozen=True)
