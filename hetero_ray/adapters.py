@@ -83,7 +83,7 @@ class LoraAdapter:
     def scaling(self) -> float:
         """The adapter-wide scale s of the update s·B·A (lora_alpha / r, or / sqrt(r) with rsLoRA)."""
         r = int(self.config.get("r", 8))
-        return _scale(float(self.config.get("lora_alpha", r)), r, bool(self.config.get("use_rslora")))
+        return _scale(float(self.config.get("lora_alpha", 8)), r, bool(self.config.get("use_rslora")))
 
     def module_rank(self, path: str) -> int:
         """The rank PEFT gives module ``path``: its ``rank_pattern`` entry, else ``r``."""
@@ -92,7 +92,7 @@ class LoraAdapter:
     def module_scaling(self, path: str) -> float:
         """The scale PEFT applies to module ``path`` (``rank_pattern`` and ``alpha_pattern`` honoured)."""
         r = self.module_rank(path)
-        alpha = float(_pattern_value(self.config.get("alpha_pattern"), path, self.config.get("lora_alpha", r)))
+        alpha = float(_pattern_value(self.config.get("alpha_pattern"), path, self.config.get("lora_alpha", 8)))
         return _scale(alpha, r, bool(self.config.get("use_rslora")))
 
     @property
@@ -192,7 +192,7 @@ def validate_config(config: object, config_path: Path) -> dict:
     r = config.get("r", 8)
     if not _is_int(r) or r < 1:
         raise AdapterError(config_path, f"field r: expected an integer >= 1, got {r!r}")
-    alpha = config.get("lora_alpha", r)
+    alpha = config.get("lora_alpha", 8)  # PEFT's defaults: r 8, lora_alpha 8
     if not _is_number(alpha) or alpha <= 0:
         raise AdapterError(config_path, f"field lora_alpha: expected a finite number > 0, got {alpha!r} (the update "
                            "is lora_alpha / r * B A; to negate an adapter, negate its lora_B)")
@@ -204,6 +204,10 @@ def validate_config(config: object, config_path: Path) -> dict:
         if not isinstance(patterns, dict):
             raise AdapterError(config_path, f"field {name}: expected a mapping of module names to values")
         for module, value in patterns.items():
+            try:
+                re.compile(module)
+            except re.error as e:
+                raise AdapterError(config_path, f"field {name}: key {module!r} is not a valid pattern ({e})") from None
             if not check(value):
                 raise AdapterError(config_path, f"field {name}[{module!r}]: expected {what}, got {value!r}")
     return config

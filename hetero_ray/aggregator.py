@@ -88,7 +88,7 @@ def train_loop(config: dict) -> None:
     block = config["block_size"]
     t0 = time.perf_counter()
     target, ttopo = open_target(spec)
-    cands = None if spec.control == "replay_only" else _read_candidates()
+    cands = _read_candidates() if spec.control.reads_sources else None
     device = ray.train.torch.get_device() if spec.cluster.use_gpu else torch.device("cpu")
     groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block).items()}
     examples = _read_replay()

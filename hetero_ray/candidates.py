@@ -13,11 +13,10 @@ import pyarrow as pa
 import torch
 
 from hetero_ray.adapters import LoraAdapter
+from hetero_ray.controls import Control
 from hetero_ray.topology.align import AlignmentPlan
 from hetero_ray.topology.blocks import harmonize_rank, module_tokens
 from hetero_ray.topology.families import Slot, Topology
-
-SOURCE_CONTROLS = ("none", "zero_sources", "random_sources")
 
 
 @dataclass
@@ -67,7 +66,7 @@ def source_candidates(
     adapter: LoraAdapter,
     topology: Topology,
     block_size: int,
-    control: str = "none",
+    control: Control = Control.NONE,
     seed: int = 0,
 ) -> Iterator[Candidate]:
     """Yield the candidates of one source, in plan order.
@@ -77,18 +76,18 @@ def source_candidates(
     ``control`` replaces what the source contributes: ``zero_sources`` gives all-zero tokens (no tensor is
     read), ``random_sources`` a Gaussian adapter with the same Frobenius norm per module (A and s·B each).
     """
-    if control not in SOURCE_CONTROLS:
-        raise ValueError(f"unknown source control {control!r}")
+    if not control.reads_sources:
+        raise ValueError(f"control {control.value!r} has no source candidates")
     source_id = plan.sources[source].source_id
     for entry in plan.entries:
         for feed in (f for f in entry.feeds if f.source == source):
             slot = topology.slots[(feed.source_layer, entry.role)]
-            if control == "zero_sources":
+            if control is Control.ZERO_SOURCES:
                 a, b = torch.zeros(feed.rank, feed.d_in), torch.zeros(feed.d_out, feed.rank)
             else:
                 a, b = slot_tensors(adapter, slot)
                 b = b.float() * adapter.module_scaling(slot.module.path)
-                if control == "random_sources":
+                if control is Control.RANDOM_SOURCES:
                     a = _equal_norm_random(a, stable_seed(seed, source_id, slot.module.path, slot.role, "A"))
                     b = _equal_norm_random(b, stable_seed(seed, source_id, slot.module.path, slot.role, "B"))
             a, b = harmonize_rank(a, b, entry.rank)

@@ -14,12 +14,11 @@ import click
 import yaml
 
 from hetero_ray.errors import HeteroRayError, find_input_error
-from hetero_ray.spec import STRATEGY_NAMES, ClusterSpec, MergeSpec, MethodSpec, TrainingSpec
+from hetero_ray.spec import ClusterSpec, MethodSpec, TrainingSpec
 
-SECTIONS = {"method": MethodSpec, "training": TrainingSpec, "cluster": ClusterSpec, "merge": MergeSpec}
+SECTIONS = {"method": MethodSpec, "training": TrainingSpec, "cluster": ClusterSpec}
 TOP_LEVEL = {"name": "run name", "seed": "random seed", "output": "fused adapter directory",
-             "control": "none | zero_sources | random_sources | replay_only",
-             "strategy": " | ".join(STRATEGY_NAMES)}
+             "strategy": "a registered strategy (`hetero-ray strategies` lists them with their params)"}
 
 
 PATH_FLAGS = {("top", "output"), ("cluster", "storage")}
@@ -34,6 +33,8 @@ def spec_flags(fn):
                               help=field.description or f"spec {section}.{name} (default {field.default})")(fn)
     for name, text in TOP_LEVEL.items():
         fn = click.option(f"--{name}", f"top__{name}", default=None, help=text)(fn)
+    fn = click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+                      help="a parameter of the strategy (repeat; e.g. --param density=0.3)")(fn)
     fn = click.option("--allow-pickle", is_flag=True,
                       help="read pickled adapter_model.bin files (torch.load weights_only=True); default: refuse")(fn)
     return click.option("--overwrite", is_flag=True, help="replace an earlier hetero-ray output at `output`")(fn)
@@ -53,6 +54,11 @@ def collect_overrides(kwargs: dict) -> dict:
     for flag in ("overwrite", "allow_pickle"):
         if kwargs.pop(flag, False):
             out[flag] = True
+    for item in kwargs.pop("params", ()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--param")
+        out[f"params.{key.strip()}"] = yaml.safe_load(value)
     return out
 
 
@@ -90,6 +96,17 @@ def fuse(spec: Path, address: str | None, no_ray: bool, **kwargs) -> None:
     report = json.loads((output / "fusion_report.json").read_text())
     emit({"output": str(output), "report": str(output / "fusion_report.json"), "strategy": loaded.strategy,
           "steps": len(report.get("history", []))}, RESULT_MARKER)
+
+
+@cli.command()
+def strategies() -> None:
+    """The registered strategies: name, kind, what it does, and its parameters (spec `params:`)."""
+    from hetero_ray.strategies import describe
+
+    for s in describe():
+        click.echo(f"{s['name']:<16} {s['kind']:<8} {s['description']}")
+        for name, f in s["params"].items():
+            click.echo(f"{'':<26}params.{name} (default {f['default']}): {f['description']}")
 
 
 @cli.command()

@@ -162,11 +162,10 @@ def run_demo(run_dir: str | Path, quick: bool = False, seed: int = 0, use_ray: b
                     "cpus_per_worker": 1},
     }
     fused: dict[str, Path] = {}
-    for control in ("none", *CONTROLS):
-        name = "heterofusion" if control == "none" else control
+    for name in ("heterofusion", *CONTROLS):
         spec_file = run_dir / "specs" / f"{name}.yaml"
         spec_file.parent.mkdir(exist_ok=True)
-        data_c = {**spec_data, "control": control,  # no name: the run is named by the spec's hash
+        data_c = {**spec_data, "strategy": name,  # no name: the run is named by the spec's hash
                   "output": str(run_dir / "fused" / name)}
         spec_file.write_text(yaml.safe_dump(data_c, sort_keys=False))
         fused[name] = _fuse(spec_file, use_ray)

@@ -205,7 +205,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     sources = [open_source(spec, i) for i in range(len(spec.sources))]  # headers only: shapes and families
     plan = align(spec, ttopo, [t for _, t in sources])
     block = resolve_block_size(spec, plan)
-    if spec.control != "replay_only":
+    if spec.control.reads_sources:
         net_configs(spec, plan, block)  # refuses sizes the nets cannot take before any work starts
     tokenizer = load_tokenizer(spec.target.base)
     fs, root = _storage(spec)
@@ -222,8 +222,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
 
     t0 = time.perf_counter()
     # replay_only reads no source tensor: the workers get an empty candidate stream
-    candidates = empty_candidates() if spec.control == "replay_only" else align_sources(spec, plan, block,
-                                                                                      on_progress)
+    candidates = align_sources(spec, plan, block, on_progress) if spec.control.reads_sources else empty_candidates()
     timings["align_s"] = time.perf_counter() - t0
     replay = replay_dataset(spec, tokenizer)
 
@@ -288,7 +287,7 @@ def _write(spec, plan, block, target, sources, checkpoint, timings) -> FusionRes
         final = json.loads((d / FINAL_STATE).read_text())
         partitions = sorted((json.loads(p.read_text()) for p in d.glob("partition_rank*.json")),
                             key=lambda s: s["rank"])
-    cfgs = net_configs(spec, plan, block) if spec.control != "replay_only" else {}
+    cfgs = net_configs(spec, plan, block) if spec.control.reads_sources else {}
     outputs = {g: {"alpha": torch.tensor(a), **({"gate_open": torch.tensor(final["gate_open"][g])}
                                                  if g in final["gate_open"] else {})}
                for g, a in final["alpha"].items()}
@@ -298,7 +297,6 @@ def _write(spec, plan, block, target, sources, checkpoint, timings) -> FusionRes
     report["attention_mass"] = final["attention_mass"]
     report["zero"] = {"stage": spec.cluster.zero_stage, "workers": spec.cluster.workers, "partitions": partitions,
                       "transfer_net_params": sum(c.num_parameters() for c in cfgs.values())}
-    out = export_fused_adapter(spec.output, target, deltas, report, fusion_card(spec, plan, final["history"]),
-                               overwrite=spec.overwrite)
+    out = export_fused_adapter(spec, target, deltas, report, fusion_card(spec, plan, final["history"]))
     return FusionResult(out, final["history"], plan, deltas, report)
 

@@ -1,5 +1,7 @@
-"""Writing the fused adapter: A_t unchanged, B_t + alpha dB for fused modules, every other tensor copied,
-plus provenance and report files, all written to a temporary directory renamed into place when complete."""
+"""The one writer of every strategy's output: a PEFT adapter, ``fusion_report.json`` with one schema (what ran,
+on which inputs' hashes, with which versions; plus each strategy's own keys), a README card and plots, all
+written to a temporary directory swapped into place when complete (:mod:`hetero_ray.outputs`). Trained runs
+keep A_t and write B_t + alpha dB; merges write their factors."""
 
 from __future__ import annotations
 
@@ -47,20 +49,64 @@ def fused_tensors(target: LoraAdapter, deltas: Mapping[str, torch.Tensor]) -> di
     return tensors
 
 
-def export_fused_adapter(
-    out_dir: str | Path,
-    target: LoraAdapter,
-    deltas: Mapping[str, torch.Tensor],
-    report: Mapping,
-    card: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write the fused adapter and its report atomically; returns the output directory."""
-    tensors = fused_tensors(target, deltas)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        write_adapter(tmp, target.config, tensors, metadata={"hetero_ray": "fused"})
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-        if card:
-            (tmp / "README.md").write_text(card)
-        write_plots(dict(report), tmp)
-    return Path(out_dir)
+REPORT_SCHEMA = 2
+# every report holds these, whatever the strategy (tests/test_entry_point.py holds every strategy to it)
+REPORT_KEYS = ("schema", "name", "strategy", "kind", "description", "params", "spec", "inputs", "versions",
+               "timings_s", "history", "alignment")
+
+
+def report_header(spec, inputs: Mapping, timings: Mapping, history: list | None = None,
+                  alignment: Mapping | None = None) -> dict:
+    """The part of ``fusion_report.json`` every strategy writes: what ran, on what, with what."""
+    from hetero_ray.strategies import get_strategy
+
+    strategy = get_strategy(spec.strategy)
+    return {"schema": REPORT_SCHEMA, "name": spec.resolved_name(), "strategy": spec.strategy, "kind": strategy.kind,
+            "description": strategy.description, "params": dict(spec.params), "spec": spec.model_dump(mode="json"),
+            "inputs": dict(inputs), "versions": versions(), "timings_s": dict(timings), "history": list(history or []),
+            "alignment": dict(alignment) if alignment is not None else None}
+
+
+def write_output(spec, config: Mapping, tensors: Mapping[str, torch.Tensor], report: Mapping, card: str) -> Path:
+    """The one writer: a PEFT adapter, ``fusion_report.json``, a README card and (for trained runs) plots,
+    swapped into ``spec.output`` atomically. Returns the output directory."""
+    missing = [k for k in REPORT_KEYS if k not in report]
+    if missing:
+        raise ValueError(f"report lacks {missing}")
+    provenance = {"name": report["name"], "strategy": report["strategy"], "inputs": report["inputs"]}
+    with atomic_output_dir(spec.output, overwrite=spec.overwrite, provenance=provenance) as tmp:
+        write_adapter(tmp, config, tensors, metadata={"hetero_ray_strategy": spec.strategy})
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1, sort_keys=True, default=str))
+        (tmp / "README.md").write_text(card)
+        if report["history"]:
+            write_plots(dict(report), tmp)
+    return Path(spec.output)
+
+
+def export_fused_adapter(spec, target: LoraAdapter, deltas: Mapping[str, torch.Tensor], report: Mapping,
+                         card: str) -> Path:
+    """A trained run's output: the target adapter with B_t + delta where a delta is given."""
+    return write_output(spec, target.config, fused_tensors(target, deltas), report, card)
+
+
+def write_merged(spec, strategy, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
+                 extra: dict, timings: dict) -> Path:
+    """A merge's output: its factors as a PEFT adapter (lora_alpha = r: scaling 1, the scale is inside B)."""
+    from hetero_ray.pipeline import input_hashes, open_source, open_target
+
+    target = open_target(spec)[0]
+    dtype = target.tensor(next(iter(target.modules.values())).a_key).dtype
+    tensors = dict(target.all_tensors())
+    for path, (a, b) in factors.items():
+        m = target.modules[path]
+        tensors[m.a_key] = a.to(dtype)
+        tensors[m.b_key] = b.to(dtype)
+    config = {**target.config, "r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {},
+              "alpha_pattern": {}}
+    sources = [open_source(spec, i)[0] for i in range(len(spec.sources))]
+    report = {**report_header(spec, input_hashes(spec, target, sources), timings,
+                              alignment=extra.pop("alignment", None)), "rank": rank, **extra}
+    card = (f"# {spec.resolved_name()}\n\nLoRA adapter for `{spec.target.base}` made by hetero-ray's "
+            f"`{spec.strategy}` strategy ({strategy.description}) from the target `{spec.target.adapter}` and "
+            f"{len(sources)} source(s). Rank {rank}. Provenance: fusion_report.json.\n")
+    return write_output(spec, config, tensors, report, card)

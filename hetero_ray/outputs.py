@@ -12,10 +12,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -54,8 +58,11 @@ def check_replaceable(dest: Path, overwrite: bool, origin: str = "output") -> No
         raise OutputError(f"{origin}: {dest} is a symbolic link (to {os.readlink(dest)}); hetero-ray writes only to "
                           "a real directory it creates: name that directory itself, or a new path")
     if not dest.exists():
-        if dest.parent.exists() and not dest.parent.is_dir():
-            raise OutputError(f"{origin}: {dest}: its parent {dest.parent} is a file, not a directory")
+        ancestor = dest.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OutputError(f"{origin}: {dest}: its parent {ancestor} is a file, not a directory")
         return
     if not dest.is_dir():
         raise OutputError(f"{origin}: {dest} is an existing file, not an output directory; hetero-ray never "
@@ -79,12 +86,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """A short tag of this host: a PID says whether a writer is alive only on the host that wrote it (outputs
+    may live on a shared filesystem)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _scratch_prefix(dest: Path, kind: str) -> str:
+    return f".{dest.name}.{kind}-{_host()}-{os.getpid()}-"
+
+
 def _tidy_leftovers(dest: Path) -> None:
-    """Remove what a killed writer of ``dest`` left: its temporary directory, and restore (or drop) the
-    previous output it had moved aside."""
+    """Remove what a killed writer of ``dest`` on this host left: its temporary directory; and put back the
+    previous output it had moved aside, if ``dest`` is missing."""
     for kind in ("old", "tmp"):
-        for p in sorted(dest.parent.glob(f".{dest.name}.{kind}-*")):
-            pid = p.name[len(f".{dest.name}.{kind}-"):].split("-", 1)[0]
+        head = f".{dest.name}.{kind}-{_host()}-"
+        for p in sorted(dest.parent.glob(f"{head}*")):
+            pid = p.name[len(head):].split("-", 1)[0]
             if not pid.isdigit() or _alive(int(pid)) or not p.is_dir():
                 continue
             if kind == "old" and not dest.exists() and (p / OUTPUT_MARKER).is_file():
@@ -94,31 +112,57 @@ def _tidy_leftovers(dest: Path) -> None:
 
 
 @contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM wait until the block is done (the two renames of a swap must not be split)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Rename ``tmp`` to ``dest``; an existing ``dest`` is moved aside first and removed after. If the second
+    rename fails, the previous output is put back."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=_scratch_prefix(dest, "old"), dir=dest.parent))
+    os.rmdir(old)  # a unique name for the previous output while the new one moves in
+    with _signals_held():
+        os.replace(dest, old)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            os.replace(old, dest)
+            raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_output_dir(dest: str | Path, overwrite: bool = False, provenance: Mapping | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; swap it into place only if the block succeeds.
 
     Raises OutputError (naming ``dest``) for a destination that must not be replaced, or when writing fails
     (disk full, file-size limit, permissions); the previous output, if any, is then left as it was."""
     dest = Path(dest)
-    check_replaceable(dest, overwrite)
     try:
+        if dest.parent.is_dir():
+            _tidy_leftovers(dest)  # first: a restored previous output is then judged like any other
+        check_replaceable(dest, overwrite)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _tidy_leftovers(dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_scratch_prefix(dest, "tmp"), dir=dest.parent))
     except OSError as e:
         raise OutputError(f"output: cannot prepare {dest}: {e}") from e
     try:
         yield tmp
         (tmp / OUTPUT_MARKER).write_text(json.dumps(dict(provenance or {}), sort_keys=True, default=str))
         check_replaceable(dest, overwrite)  # the block may have run for hours: look again before replacing
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{os.getpid()}-", dir=dest.parent))
-            os.rmdir(old)  # a unique name for the previous output while the new one moves in
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        _swap_into_place(tmp, dest)
     except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"output: cannot write {dest}: {e}") from e

@@ -17,7 +17,7 @@ from hetero_ray.candidates import Candidate, source_candidates
 from hetero_ray.denoise.fusion import DirectDelta, FusionNet, GroupInputs, assemble_groups, attention_mass
 from hetero_ray.denoise.transfer_net import PAPER, TransferNetConfig, auto_sizes
 from hetero_ray.errors import HeteroRayError, SpecError
-from hetero_ray.export import export_fused_adapter, versions
+from hetero_ray.export import export_fused_adapter, report_header
 from hetero_ray.replay import Example, load_records, tokenize
 from hetero_ray.spec import FusionSpec
 from hetero_ray.topology.align import AlignmentPlan, plan_alignment
@@ -107,15 +107,14 @@ def build_net(spec: FusionSpec, plan: AlignmentPlan, block_size: int, groups: di
               ) -> torch.nn.Module:
     """The trained module, initialised from ``spec.seed``: FusionNet, or DirectDelta for replay_only."""
     torch.manual_seed(spec.seed)
-    if spec.control == "replay_only":
+    if not spec.control.reads_sources:
         return DirectDelta({n: (len(g.modules), g.d_out, g.rank) for n, g in groups.items()})
     return FusionNet(net_configs(spec, plan, block_size), spec.method.alpha_init)
 
 
 def candidates_of(spec: FusionSpec, plan: AlignmentPlan, index: int, adapter: LoraAdapter, topo: Topology,
                   block_size: int) -> Iterator[Candidate]:
-    control = spec.control if spec.control in ("zero_sources", "random_sources") else "none"
-    return source_candidates(plan, index, adapter, topo, block_size, control, spec.seed)
+    return source_candidates(plan, index, adapter, topo, block_size, spec.control, spec.seed)
 
 
 def replay_records(spec: FusionSpec) -> list[dict]:
@@ -159,17 +158,11 @@ class FusionResult:
 def build_report(spec: FusionSpec, plan: AlignmentPlan, hashes: dict, history: list[dict], outputs: dict,
                  groups: dict[str, GroupInputs], net_cfgs: dict, timings: dict) -> dict:
     return {
-        "name": spec.resolved_name(),
-        "spec": spec.model_dump(mode="json"),
-        "inputs": hashes,
-        "versions": versions(),
-        "alignment": plan.to_dict(),
+        **report_header(spec, hashes, timings, history, plan.to_dict()),
         "transfer_nets": {n: c.to_dict() for n, c in net_cfgs.items()},
         "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
         "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
         "attention_mass": attention_mass(outputs, groups, len(spec.sources)),
-        "history": history,
-        "timings_s": timings,
     }
 
 
@@ -185,7 +178,7 @@ def fusion_card(spec: FusionSpec, plan: AlignmentPlan, history: list[dict]) -> s
         span = f"{layers[0]}..{layers[-1]}" if layers else "none"
         lines.append(f"| {s.source_id} | {s.family} | {s.n_layers} | {span} |")
     if history:
-        lines += ["", f"Control: `{spec.control}`. Steps: {len(history)}. LM loss {history[0]['lm_loss']:.4f} "
+        lines += ["", f"Strategy: `{spec.strategy}`. Steps: {len(history)}. LM loss {history[0]['lm_loss']:.4f} "
                   f"(first step) -> {history[-1]['lm_loss']:.4f} (last step)."]
     lines += ["", "Provenance (input hashes, resolved spec, versions): `fusion_report.json`.", "",
               "![loss](loss.png) ![alpha](alpha.png) ![attention mass](attention_mass.png)", ""]
@@ -220,7 +213,7 @@ def prepare_groups(spec: FusionSpec) -> Prepared:
     sources = [open_source(spec, i) for i in range(len(spec.sources))]
     plan = align(spec, target_topo, [t for _, t in sources])
     block = resolve_block_size(spec, plan)
-    cands = None if spec.control == "replay_only" else [
+    cands = None if not spec.control.reads_sources else [
         c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block)
     ]
     groups = assemble_groups(plan, target, target_topo, cands, block)
@@ -253,10 +246,9 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
     history = fit(net, objective, spec.training, spec.seed, on_step)
     timings["train_s"] = time.perf_counter() - t0
     deltas, outputs = objective.final_deltas(net)
-    cfgs = net_configs(spec, plan, block) if spec.control != "replay_only" else {}
+    cfgs = net_configs(spec, plan, block) if spec.control.reads_sources else {}
     report = build_report(spec, plan, input_hashes(spec, target, [a for a, _ in sources]), history, outputs,
                           groups, cfgs, timings)
-    out = export_fused_adapter(spec.output, target, deltas, report, fusion_card(spec, plan, history),
-                               overwrite=spec.overwrite)
+    out = export_fused_adapter(spec, target, deltas, report, fusion_card(spec, plan, history))
     objective.patch.remove()
     return FusionResult(out, history, plan, deltas, report)

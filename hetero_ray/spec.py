@@ -102,20 +102,6 @@ class ClusterSpec(_Strict):
     dtype: Literal["fp32", "bf16"] = "fp32"
 
 
-STRATEGY_NAMES = ("heterofusion", "zero_sources", "random_sources", "replay_only", "target_only",
-                  "task_arithmetic", "ties", "dare", "naive_transfer")
-
-
-class MergeSpec(_Strict):
-    """Settings of the closed-form baselines (see hetero_ray.strategies)."""
-
-    weights: list[float] | None = Field(None, description="per input, target first (default: all 1)")
-    density: float = Field(0.2, gt=0, le=1, description="TIES: fraction of entries kept per update")
-    scale: float = Field(1.0, gt=0, description="TIES: lambda applied to the merged update")
-    drop_rate: float = Field(0.5, ge=0, lt=1, description="DARE: probability of dropping an entry")
-    rank: int | None = Field(None, gt=0, description="TIES/DARE: rank of the SVD factorization (default: sum)")
-
-
 class FusionSpec(_Strict):
     name: str | None = Field(None, pattern=RUN_NAME, description="run name: letters, digits, '.', '_', '-'")
     seed: int = Field(0, ge=0, lt=2**32)
@@ -127,16 +113,50 @@ class FusionSpec(_Strict):
     method: MethodSpec = MethodSpec()
     training: TrainingSpec = TrainingSpec()
     cluster: ClusterSpec = ClusterSpec()
-    control: Literal["none", "zero_sources", "random_sources", "replay_only"] = "none"
-    strategy: Literal[STRATEGY_NAMES] = "heterofusion"
-    merge: MergeSpec = MergeSpec()
+    strategy: str = Field("heterofusion", description="a registered strategy (`hetero-ray strategies` lists them)")
+    params: dict = Field(default_factory=dict, description="the strategy's own parameters (validated by it)")
     allow_pickle: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_keys(cls, data):
+        """``control: X`` (a variant of heterofusion) still reads as ``strategy: X``; ``merge:`` moved."""
+        if not isinstance(data, dict):
+            return data
+        if "merge" in data:
+            raise ValueError("merge: the baselines' settings moved to `params:` of the chosen strategy (e.g. "
+                             "strategy: ties, params: {density: 0.3, weights: [1, 0.5]})")
+        if "control" in data:
+            data = dict(data)
+            control = data.pop("control")
+            strategy = data.get("strategy", "heterofusion")
+            if control not in (None, "none"):
+                if strategy not in ("heterofusion", control):
+                    raise ValueError(f"strategy {strategy!r} with control {control!r}: a control is a variant of "
+                                     "heterofusion; set `strategy:` alone")
+                data["strategy"] = control
+        return data
+
+    @field_validator("strategy")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from hetero_ray.strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; registered: {', '.join(STRATEGIES)}")
+        return v
 
     @model_validator(mode="after")
     def _names(self) -> FusionSpec:
-        if self.strategy != "heterofusion" and self.control != "none":
-            raise ValueError(f"strategy {self.strategy!r} with control {self.control!r}: a control is a "
-                             "variant of heterofusion; set one of them")
+        from hetero_ray.strategies import validate_params
+
+        try:
+            params = validate_params(self.strategy, self.params)
+        except ValidationError as e:
+            problems = "; ".join(f"params.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"for strategy {self.strategy!r}: {problems}") from None
+        if params != self.params:
+            object.__setattr__(self, "params", params)  # defaults filled in: the digest names what runs
         ids = [s.id or s.adapter.name for s in self.sources]
         if len(set(ids)) != len(ids):
             raise ValueError(f"sources must have distinct ids (set `id:`), got {ids}")
@@ -147,6 +167,13 @@ class FusionSpec(_Strict):
                 raise ValueError(f"sources[{i}].adapter {s.adapter} is the same adapter as {where}; each source "
                                  "must be a different expert, and the target is not a source")
         return self
+
+    @property
+    def control(self):
+        """The :class:`~hetero_ray.controls.Control` a trained strategy runs with (None for a merge)."""
+        from hetero_ray.strategies import get_strategy
+
+        return get_strategy(self.strategy).control
 
     def source_ids(self) -> list[str]:
         return [s.id or s.adapter.name for s in self.sources]
@@ -168,9 +195,18 @@ class FusionSpec(_Strict):
         return paths
 
     def run_dir(self) -> Path | None:
-        """Where run state and checkpoints go on a local ``cluster.storage`` (None for a remote URI)."""
+        """Where run state and checkpoints go when ``cluster.storage`` is on this machine's filesystem (a path
+        or a ``file://`` URI); None for remote storage."""
         storage = self.cluster.storage
-        return None if "://" in storage else Path(storage) / self.resolved_name()
+        if "://" in storage:
+            from pyarrow.fs import FileSystem, LocalFileSystem
+
+            try:
+                fs, path = FileSystem.from_uri(storage)
+            except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad URI
+                raise SpecError(f"cluster.storage: {storage}: not a filesystem URI pyarrow can open ({e})") from None
+            return Path(path) / self.resolved_name() if isinstance(fs, LocalFileSystem) else None
+        return Path(storage) / self.resolved_name()
 
     def check_files(self, origin: str = "spec", spec_file: Path | None = None) -> None:
         """Before any work: every input exists and is of the right kind, every replay file holds usable
@@ -196,8 +232,10 @@ class FusionSpec(_Strict):
         protected = {**inputs, **({"spec file": spec_file} if spec_file else {})}
         check_spares_inputs(self.output, protected, origin)
         check_replaceable(self.output, self.overwrite, f"{origin}: output")
-        if self.run_dir() is not None:
-            check_spares_inputs(self.run_dir(), protected, origin, field="cluster.storage/name (the run directory)")
+        run_dir = self.run_dir()
+        if run_dir is not None:
+            check_spares_inputs(run_dir, protected, origin, field="cluster.storage/name (the run directory)")
+            check_spares_inputs(self.output, {"cluster.storage/name (the run directory)": run_dir}, origin)
 
 
 def _resolve(data: dict, root: Path) -> dict:

@@ -347,6 +347,18 @@ CASES = [
     Case("spec-target-is-also-a-source", _target_as_source, ("sources[0].adapter", "same adapter as target.adapter")),
     Case("spec-same-source-twice", _same_source_twice, ("sources[1].adapter", "same adapter as sources[0].adapter")),
     Case("spec-output-wrong-type", _set("", "output", ["a", "b"]), ("output:",)),
+    Case("run-dir-via-file-uri-inside-an-input", lambda ws: (ws.spec.update(
+        cluster={**ws.spec["cluster"], "storage": f"file://{ws.path('target-lora')}"}), ws.fuse())[1],
+        ("cluster.storage/name", "lies inside the input target.adapter")),
+    Case("output-is-the-run-directory", lambda ws: (ws.spec.update(
+        name="run1", output="runs/run1", cluster={**ws.spec["cluster"], "storage": "runs"}), ws.fuse())[1],
+        ("output:", "is the input cluster.storage/name (the run directory)")),
+    Case("output-grandparent-is-a-file", _output("notes.txt/sub/fused", prepare=lambda ws: ws.path("notes.txt")
+                                                 .write_text("x")), ("its parent", "notes.txt is a file")),
+    Case("base-text-config-not-an-object", _config("phi3-base", lambda c: c.update(text_config="phi3")),
+         ("phi3-base/config.json", "field text_config")),
+    Case("config-pattern-not-a-regex", _config("src-qwen2", lambda c: c.update(rank_pattern={"q_proj(": 2})),
+         ("field rank_pattern", "not a valid pattern")),
 ]
 
 

@@ -129,8 +129,8 @@ def test_zero_and_random_source_controls(zoo, tmp_path):
     a, t = open_source(spec, 1)  # mistral, rank 8 -> harmonized to 4
     plan = align(spec, ttopo, [open_source(spec, i)[1] for i in range(3)])
     real = list(candidates_of(spec, plan, 1, a, t, 64))
-    zero = list(candidates_of(spec.model_copy(update={"control": "zero_sources"}), plan, 1, a, t, 64))
-    rand = list(candidates_of(spec.model_copy(update={"control": "random_sources"}), plan, 1, a, t, 64))
+    zero = list(candidates_of(spec.model_copy(update={"strategy": "zero_sources"}), plan, 1, a, t, 64))
+    rand = list(candidates_of(spec.model_copy(update={"strategy": "random_sources"}), plan, 1, a, t, 64))
     assert len(real) == len(zero) == len(rand) > 0
     assert all(torch.count_nonzero(z.tokens) == 0 for z in zero)
     for r, c in zip(real, rand, strict=True):

@@ -11,9 +11,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-@pytest.mark.parametrize("control", ["none", "replay_only"])
+@pytest.mark.parametrize("control", ["heterofusion", "replay_only"])
 def test_gpu_fusion_matches_cpu(zoo, tmp_path, control):
-    kw = {"control": control, "training.epochs": 1}
+    kw = {"strategy": control, "training.epochs": 1}
     cpu = fuse_local(make_spec(zoo, tmp_path / "cpu", **kw))
     gpu = fuse_local(make_spec(zoo, tmp_path / "gpu", **kw, **{"cluster.use_gpu": True}))
     assert set(cpu.deltas) == set(gpu.deltas)

@@ -51,20 +51,47 @@ def _dead_pid() -> int:
 
 
 def test_leftovers_of_a_killed_writer_are_tidied_and_a_cut_swap_is_undone(tmp_path):
-    dest, pid = tmp_path / "fused", _dead_pid()
-    stale = tmp_path / f".fused.tmp-{pid}-abc"
+    from hetero_ray.outputs import _host
+
+    dest, pid, host = tmp_path / "fused", _dead_pid(), _host()
+    stale = tmp_path / f".fused.tmp-{host}-{pid}-abc"
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"partial")
-    moved = tmp_path / f".fused.old-{pid}-def"  # killed between moving the old output aside and renaming the new
+    moved = tmp_path / f".fused.old-{host}-{pid}-def"  # killed between moving the old output aside and the rename
     moved.mkdir()
     (moved / OUTPUT_MARKER).write_text("{}")
     (moved / "a.txt").write_text("previous")
-    live = tmp_path / f".fused.tmp-{os.getpid()}-ghi"  # a writer still running: left alone
+    live = tmp_path / f".fused.tmp-{host}-{os.getpid()}-ghi"  # a writer still running: left alone
+    other_host = tmp_path / f".fused.tmp-00000000-{pid}-jkl"  # another host's writer: its PID means nothing here
     live.mkdir()
-    with pytest.raises(RuntimeError), atomic_output_dir(dest, overwrite=True):
-        raise RuntimeError("stop after tidying")
+    other_host.mkdir()
+    # restored first, then judged: without overwrite the previous output is not replaced
+    with pytest.raises(OutputError, match="already exists"), atomic_output_dir(dest):
+        pass
     assert (dest / "a.txt").read_text() == "previous"
-    assert not stale.exists() and not moved.exists() and live.exists()
+    assert not stale.exists() and not moved.exists() and live.exists() and other_host.exists()
+
+
+def test_a_swap_cut_between_its_renames_puts_the_previous_output_back(tmp_path, monkeypatch):
+    import hetero_ray.outputs as outputs
+
+    dest = tmp_path / "fused"
+    with atomic_output_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("previous")
+    real, calls = os.replace, []
+
+    def second_rename_interrupted(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", second_rename_interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_output_dir(dest, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    monkeypatch.setattr(outputs.os, "replace", real)
+    assert (dest / "a.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"]
 
 
 def _spec(ws: Workspace, **extra) -> str:
@@ -137,28 +164,6 @@ def test_source_lora_alpha_scales_its_candidates(zoo, tmp_path):
     for x, y, z in zip(first, tripled, rs, strict=True):
         torch.testing.assert_close(y, 3 * x, rtol=1e-6, atol=0)
         torch.testing.assert_close(z, y * r**0.5, rtol=1e-6, atol=0)  # alpha / sqrt(r) instead of alpha / r
-
-
-def test_python_run_uses_the_strategy_like_the_cli(zoo, tmp_path):
-    """Regression: hetero_ray.fuse(spec) used to ignore spec.strategy and run plain HeteroFusion."""
-    from safetensors.torch import load_file
-
-    import hetero_ray
-
-    ws = Workspace(tmp_path, zoo)
-    ws.spec["sources"] = ws.spec["sources"][:1]
-    for strategy in ("target_only", "zero_sources"):
-        spec = _spec(ws, strategy=strategy, output=f"py-{strategy}")
-        result = hetero_ray.run(spec, use_ray=False)
-        assert main(["fuse", spec, "--no-ray", "--output", str(tmp_path / f"cli-{strategy}")]) == 0
-        py = json.loads(result.report.read_text())
-        cli = json.loads((tmp_path / f"cli-{strategy}" / "fusion_report.json").read_text())
-        assert py["spec"]["strategy"] == cli["spec"]["strategy"] == strategy
-        if strategy == "zero_sources":
-            assert py["spec"]["control"] == cli["spec"]["control"] == "zero_sources"
-        a = load_file(str(result.adapter / WEIGHTS_NAME))
-        b = load_file(str(tmp_path / f"cli-{strategy}" / WEIGHTS_NAME))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow

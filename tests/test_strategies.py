@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from hetero_ray import tiny
 from hetero_ray.adapters import LoraAdapter, read_adapter
 from hetero_ray.errors import HeteroRayError
-from hetero_ray.spec import STRATEGY_NAMES
 from hetero_ray.strategies import STRATEGIES, completed, factorize, product, run_strategy
 from tests.conftest import make_spec
 
@@ -45,9 +44,27 @@ def _products(path) -> dict[str, torch.Tensor]:
     return {p: product(a, p) for p in a.modules}
 
 
-def test_registry_matches_the_spec_choices():
-    assert set(STRATEGIES) == set(STRATEGY_NAMES)
+def test_the_registry_is_the_spec_s_list_of_names(zoo, tmp_path):
+    from pydantic import ValidationError
+
     assert {s.kind for s in STRATEGIES.values()} == {"trained", "merge"}
+    for name in STRATEGIES:
+        assert make_spec(zoo, tmp_path / name, strategy=name).strategy == name
+    with pytest.raises((ValidationError, HeteroRayError), match="unknown strategy 'tie'.*registered: heterofusion"):
+        make_spec(zoo, tmp_path / "x", strategy="tie")
+
+
+def test_params_are_validated_by_their_strategy_and_defaults_filled(zoo, tmp_path):
+    from pydantic import ValidationError
+
+    spec = make_spec(zoo, tmp_path / "t", strategy="ties", **{"params.density": 0.3})
+    assert spec.params == {"weights": None, "density": 0.3, "scale": 1.0, "rank": None}
+    with pytest.raises((ValidationError, HeteroRayError), match="params.drop_rate"):
+        make_spec(zoo, tmp_path / "t", strategy="ties", **{"params.drop_rate": 0.3})  # a DARE parameter
+    with pytest.raises((ValidationError, HeteroRayError), match="params.density"):
+        make_spec(zoo, tmp_path / "t", strategy="ties", **{"params.density": 1.5})
+    with pytest.raises((ValidationError, HeteroRayError), match="merge: the baselines' settings moved"):
+        make_spec(zoo, tmp_path / "t", strategy="ties", **{"merge.density": 0.3})
 
 
 def test_target_only_reproduces_the_target_update(zoo, tmp_path):
@@ -66,7 +83,7 @@ def test_task_arithmetic_of_an_adapter_and_its_negation_is_zero(zoo, llama_exper
 
 
 def test_task_arithmetic_is_the_weighted_sum_in_product_space(zoo, llama_experts, tmp_path):
-    spec = _spec(zoo, tmp_path, "task_arithmetic", [llama_experts["other"]], **{"merge.weights": [0.5, 2.0]})
+    spec = _spec(zoo, tmp_path, "task_arithmetic", [llama_experts["other"]], **{"params.weights": [0.5, 2.0]})
     got = _products(run_strategy(spec, use_ray=False))
     t, o = _products(zoo["llama-lora"]), _products(llama_experts["other"])
     for p in t:
@@ -74,17 +91,42 @@ def test_task_arithmetic_is_the_weighted_sum_in_product_space(zoo, llama_experts
 
 
 def test_ties_of_an_adapter_with_itself_is_the_adapter_and_with_its_negation_zero(zoo, llama_experts, tmp_path):
-    same = _spec(zoo, tmp_path / "a", "ties", [zoo["llama-lora"]], **{"merge.density": 1.0})
+    same = _spec(zoo, tmp_path / "a", "ties", [zoo["llama-lora"]], **{"params.density": 1.0})
     t = _products(zoo["llama-lora"])
     for p, d in _products(run_strategy(same, use_ray=False)).items():
         torch.testing.assert_close(d, t[p], rtol=1e-4, atol=1e-6)
-    opposite = _spec(zoo, tmp_path / "b", "ties", [llama_experts["neg"]], **{"merge.density": 1.0})
+    opposite = _spec(zoo, tmp_path / "b", "ties", [llama_experts["neg"]], **{"params.density": 1.0})
     for d in _products(run_strategy(opposite, use_ray=False)).values():
         assert d.abs().max() < 1e-6
 
 
+def test_ties_honours_weights(zoo, llama_experts, tmp_path):
+    """With density 1 the TIES mean of two updates of one sign is their weighted mean: sum w_i d_i / sum w_i
+    over the inputs that agree; weights [1, 3] of the same adapter give that adapter back, scaled by 1."""
+    src = [zoo["llama-lora"]]
+    got = _products(run_strategy(_spec(zoo, tmp_path / "w", "ties", src, **{"params.density": 1.0,
+                                                                               "params.weights": [1.0, 3.0]}),
+                                 use_ray=False))
+    want = _products(zoo["llama-lora"])
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], rtol=1e-4, atol=1e-6)
+    neg = _products(run_strategy(_spec(zoo, tmp_path / "n", "ties", [llama_experts["neg"]],
+                                       **{"params.density": 1.0, "params.weights": [1.0, 3.0]}), use_ray=False))
+    for p in want:  # the heavier negated input wins every sign election: -3d / 3 = -d
+        torch.testing.assert_close(neg[p], -want[p], rtol=1e-4, atol=1e-6)
+
+
+def test_linear_is_the_weighted_mean(zoo, llama_experts, tmp_path):
+    other = llama_experts["other"]
+    got = _products(run_strategy(_spec(zoo, tmp_path, "linear", [other], **{"params.weights": [1.0, 3.0]}),
+                                 use_ray=False))
+    t, o = _products(zoo["llama-lora"]), _products(other)
+    for p in t:
+        torch.testing.assert_close(got[p], (t[p] + 3 * o[p]) / 4, rtol=1e-5, atol=1e-7)
+
+
 def test_ties_trims_to_the_largest_entries(zoo, tmp_path):
-    spec = _spec(zoo, tmp_path, "ties", [zoo["llama-lora"]], **{"merge.density": 0.1, "merge.rank": 64})
+    spec = _spec(zoo, tmp_path, "ties", [zoo["llama-lora"]], **{"params.density": 0.1, "params.rank": 64})
     t = _products(zoo["llama-lora"])
     for p, d in _products(run_strategy(spec, use_ray=False)).items():
         keep = t[p].abs() >= t[p].abs().flatten().kthvalue(t[p].numel() - round(0.1 * t[p].numel()) + 1).values
@@ -94,11 +136,11 @@ def test_ties_trims_to_the_largest_entries(zoo, tmp_path):
 def test_dare_without_drops_is_task_arithmetic_and_with_drops_is_seeded(zoo, llama_experts, tmp_path):
     src = [llama_experts["other"]]
     ta = _products(run_strategy(_spec(zoo, tmp_path / "ta", "task_arithmetic", src), use_ray=False))
-    d0 = _products(run_strategy(_spec(zoo, tmp_path / "d0", "dare", src, **{"merge.drop_rate": 0.0}),
+    d0 = _products(run_strategy(_spec(zoo, tmp_path / "d0", "dare", src, **{"params.drop_rate": 0.0}),
                                 use_ray=False))
     for p in ta:
         torch.testing.assert_close(d0[p], ta[p], rtol=1e-4, atol=1e-6)
-    runs = [_products(run_strategy(_spec(zoo, tmp_path / f"seeded{i}", "dare", src, **{"merge.drop_rate": 0.5}),
+    runs = [_products(run_strategy(_spec(zoo, tmp_path / f"seeded{i}", "dare", src, **{"params.drop_rate": 0.5}),
                                    use_ray=False)) for i in range(2)]
     p = next(iter(ta))
     torch.testing.assert_close(runs[0][p], runs[1][p])
@@ -153,6 +195,9 @@ def test_a_control_and_a_strategy_together_are_refused(zoo, tmp_path):
 
     with pytest.raises((ValidationError, HeteroRayError), match="control"):
         make_spec(zoo, tmp_path / "x", strategy="ties", control="zero_sources")
+    # the earlier spelling of a control still reads as its strategy, with the same run name
+    old = make_spec(zoo, tmp_path / "y", control="zero_sources")
+    assert old.strategy == "zero_sources" and old == make_spec(zoo, tmp_path / "y", strategy="zero_sources")
 
 
 @pytest.mark.parametrize("strategy", ["target_only", "replay_only"])

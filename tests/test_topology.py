@@ -146,3 +146,18 @@ def test_unknown_family_and_unmappable_key_are_clear_errors(zoo, tmp_path):
         detect_family(adapter, None, None)
     with pytest.raises(FamilyError, match="no canonical role in family 'gpt2'|no module matches family 'gpt2'"):
         build_topology(adapter, get_family("gpt2"))
+
+
+def test_base_configs_take_transformers_defaults_for_what_they_leave_out():
+    """A Gemma-3 config.json often states no head counts or head_dim in text_config: the shapes that check the
+    adapter must come from Gemma3TextConfig's defaults (8 heads, 4 kv heads, head_dim 256), not from
+    hidden_size / heads."""
+    from hetero_ray.topology.families import ModelDims, llama_style_shapes, with_defaults
+
+    raw = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 64,
+                                                   "intermediate_size": 128, "num_hidden_layers": 2}}
+    full = with_defaults(raw)
+    assert ModelDims.from_config(full) == ModelDims(64, 8, 4, 256)
+    assert llama_style_shapes(full)["self_attn.q_proj"] == (64, 8 * 256)
+    assert with_defaults({"model_type": "not-a-model", "hidden_size": 3}) == {"model_type": "not-a-model",
+                                                                              "hidden_size": 3}

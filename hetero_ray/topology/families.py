@@ -235,8 +235,27 @@ def find_base_config(adapter: LoraAdapter, base: str | Path | None = None) -> tu
             config = read_json(path, lambda p, m: FamilyError(f"{p}: {m}"))
             if not isinstance(config, dict):
                 raise FamilyError(f"{path}: expected a JSON object, got a JSON {type(config).__name__}")
-            return path, config
+            if "text_config" in config and not isinstance(config["text_config"], dict | None):
+                raise FamilyError(f"{path}: field text_config: expected an object, got "
+                                  f"{type(config['text_config']).__name__}")
+            return path, with_defaults(config)
     return None
+
+
+def with_defaults(config: dict) -> dict:
+    """The config as transformers reads it: values a config.json leaves out take their class's defaults
+    (a Gemma-3 ``text_config`` often omits head counts and ``head_dim``). Unchanged for a model type
+    transformers does not know, or a config it cannot build."""
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        return config
+    try:
+        full = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"}).to_dict()
+    except Exception:  # noqa: BLE001 - best effort: any failure leaves the file's own values
+        return config
+    return {**full, **{k: v for k, v in config.items() if k != "text_config"}} if full else config
 
 
 def read_base_config(adapter: LoraAdapter, base: str | Path | None = None) -> dict | None:

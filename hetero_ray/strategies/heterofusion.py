@@ -1,0 +1,43 @@
+"""HeteroFusion and its controls: one trained strategy, run with a :class:`~hetero_ray.controls.Control`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from hetero_ray.controls import Control
+from hetero_ray.spec import FusionSpec
+from hetero_ray.strategies import Strategy, register
+
+
+class HeteroFusion(Strategy):
+    """Transfer networks over the aligned source updates, trained on the replay (the spec's ``method`` and
+    ``training`` sections); on Ray + DeepSpeed, or in this process (``use_ray=False``)."""
+
+    kind = "trained"
+
+    def __init__(self, name: str, control: Control, description: str):
+        self.name, self.control, self.description = name, control, description
+
+    def run(self, spec: FusionSpec, address: str | None, use_ray: bool,
+            on_progress: Callable[[dict], None] | None) -> Path:
+        from hetero_ray.target import check_base_dir
+
+        check_base_dir(spec.target.base, "target.base")
+        if use_ray:
+            from hetero_ray.distributed import fuse
+
+            return fuse(spec, address, on_progress=on_progress).output
+        from hetero_ray.pipeline import fuse_local
+
+        on_step = (lambda m: on_progress({"stage": "train", **m})) if on_progress else None
+        return fuse_local(spec, on_step=on_step).output
+
+
+for _name, _control, _desc in [
+    ("heterofusion", Control.NONE, "transfer networks over aligned source updates, conflict-aware (the method)"),
+    ("zero_sources", Control.ZERO_SOURCES, "control: HeteroFusion with every source token zeroed"),
+    ("random_sources", Control.RANDOM_SOURCES, "control: HeteroFusion with Gaussian sources of equal norm"),
+    ("replay_only", Control.REPLAY_ONLY, "control: the target's B fine-tuned on the same replay and steps"),
+]:
+    register(HeteroFusion(_name, _control, _desc))
