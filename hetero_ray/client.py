@@ -40,7 +40,7 @@ class FusionClient:
                env: dict[str, str] | None = None) -> str:
         """Submit ``python jobs/fuse.py SPEC [flags]`` with ``working_dir`` (the project checkout) uploaded.
         Returns the job id."""
-        from hetero_ray.distributed import WORKER_ENV
+        from hetero_ray.runners.ray.driver import WORKER_ENV
 
         working_dir = Path(working_dir).resolve()
         spec = Path(spec).resolve()

@@ -73,8 +73,10 @@ class TerminalBars:
     def _bar(self, key: str, total: int, desc: str):
         from tqdm.auto import tqdm
 
+        from hetero_ray.console import terminal
+
         if key not in self.bars:
-            self.bars[key] = tqdm(total=total, desc=desc, dynamic_ncols=True, disable=self.disable)
+            self.bars[key] = tqdm(total=total, desc=desc, dynamic_ncols=True, disable=self.disable, file=terminal())
         return self.bars[key]
 
     def __call__(self, event: dict) -> None:
@@ -101,3 +103,33 @@ class TerminalBars:
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()
+
+
+class PlainLines:
+    """Not on a terminal: one readable line when a stage starts and ends, and every ``1/every`` of training
+    (the JSON events stay on stdout for programs)."""
+
+    def __init__(self, out=None, every: int = 10):
+        self.out = out or sys.stderr
+        self.every = every
+        self.seen: set[str] = set()
+
+    def _say(self, text: str) -> None:
+        print(f"hetero-ray: {text}", file=self.out, flush=True)
+
+    def __call__(self, event: dict) -> None:
+        stage = event.get("stage")
+        if stage == "align":
+            if "align" not in self.seen:
+                self.seen.add("align")
+                self._say(f"align: {event['total']} tasks")
+            if event.get("done") == event.get("total"):
+                self._say(f"align: done ({event['total']} tasks)")
+        elif stage == "train":
+            step, total = int(event.get("step", 0)), int(event.get("total_steps", 0))
+            if step == 1 or step == total or (total and step % max(1, total // self.every) == 0):
+                self._say(f"train: step {step}/{total}, lm loss {event['lm_loss']:.4f}, "
+                          f"rdm {event.get('rdm', 0.0):.4f}")
+
+    def close(self) -> None:
+        pass

@@ -212,8 +212,8 @@ class FusionSpec(_Strict):
         """Before any work: every input exists and is of the right kind, every replay file holds usable
         records, and neither the output nor the run directory is, contains or lies inside an input (symlinks
         resolved). Raises SpecError / DataError / OutputError naming the field."""
-        from hetero_ray.outputs import check_replaceable, check_spares_inputs
-        from hetero_ray.replay import load_records
+        from hetero_ray.io.outputs import check_replaceable, check_spares_inputs
+        from hetero_ray.train.replay import load_records
 
         inputs = self.input_paths()
         for field_name, path in inputs.items():

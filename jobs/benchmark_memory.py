@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from hetero_ray.check import PAPER_MODELS  # noqa: E402
+from hetero_ray.planning import PAPER_MODELS  # noqa: E402
 
 ROLES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -71,9 +71,9 @@ def main() -> None:
     ap.add_argument("--scale", default="paper", help="'paper' or a width divisor (e.g. 16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    from hetero_ray.check import check, saved_tensor_bytes
     from hetero_ray.denoise.fusion import group_rdm, module_deltas
-    from hetero_ray.pipeline import build_net, prepare_groups
+    from hetero_ray.planning import check, saved_tensor_bytes
+    from hetero_ray.runners.prepare import build_net, prepare_groups
     from hetero_ray.spec import parse_spec
 
     divisor = 1 if args.scale == "paper" else int(args.scale)

@@ -22,7 +22,7 @@ FAMILIES = ["qwen2", "mistral", "gemma3", "phi3"]
 
 
 def build_zoo(root: Path, hidden: int, layers: int, n_sources: int, rank: int) -> dict:
-    from hetero_ray import tiny
+    from hetero_ray.contrib import tiny
 
     def dims(i):
         h = hidden + 16 * i
@@ -51,7 +51,8 @@ def main() -> None:
 
     from safetensors.torch import load_file
 
-    from hetero_ray.pipeline import align, candidates_of, fuse_local, open_source, open_target, resolve_block_size
+    from hetero_ray.runners.local import fuse_local
+    from hetero_ray.runners.prepare import align, candidates_of, open_source, open_target, resolve_block_size
     from hetero_ray.spec import parse_spec
 
     root = Path(tempfile.mkdtemp(prefix="hr-bench-"))

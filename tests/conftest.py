@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from hetero_ray import tiny  # noqa: E402
+from hetero_ray.contrib import tiny  # noqa: E402
 
 # (family, adapter rank): Llama target; sources of other depths, widths and ranks
 SOURCES = {"qwen2": 2, "mistral": 8, "gemma3": 4, "phi3": 4}

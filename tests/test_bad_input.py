@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hetero_ray.adapters import WEIGHTS_NAME, read_adapter
-from hetero_ray.candidates import candidates_from_arrow, candidates_to_arrow
 from hetero_ray.errors import AdapterError, FamilyError, HeteroRayError, SpecError
-from hetero_ray.pipeline import align, candidates_of, fuse_local, open_source, open_target
+from hetero_ray.io.adapters import WEIGHTS_NAME, read_adapter
+from hetero_ray.runners.local import fuse_local
+from hetero_ray.runners.prepare import align, candidates_of, open_source, open_target
 from hetero_ray.spec import load_spec
+from hetero_ray.tokens.candidates import candidates_from_arrow, candidates_to_arrow
 from tests.conftest import make_spec
 
 
@@ -97,7 +98,7 @@ def test_target_module_missing_in_base_model(zoo, tmp_path):
 
 
 def test_failure_while_writing_leaves_nothing(zoo, tmp_path, monkeypatch):
-    import hetero_ray.export as export
+    import hetero_ray.io.export as export
 
     def broken(*a, **k):
         raise OSError("disk full")

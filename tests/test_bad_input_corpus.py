@@ -24,8 +24,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from hetero_ray.adapters import CONFIG_NAME, WEIGHTS_NAME
 from hetero_ray.cli import main
+from hetero_ray.io.adapters import CONFIG_NAME, WEIGHTS_NAME
 
 SRC_KEY = "base_model.model.model.layers.1.self_attn.q_proj.lora_{}.weight"
 

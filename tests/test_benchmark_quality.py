@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hetero_ray import tiny
+from hetero_ray.contrib import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["target_only", "ties", "heterofusion", "replay_only"]

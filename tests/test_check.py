@@ -2,8 +2,8 @@
 
 import json
 
-from hetero_ray.check import PAPER_MODELS, check
 from hetero_ray.cli import main
+from hetero_ray.planning import PAPER_MODELS, check
 from hetero_ray.spec import parse_spec
 
 ROLES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -77,9 +77,9 @@ def test_transfer_net_activation_estimate_matches_the_saved_tensors(zoo, tmp_pat
     """check's per-group activation bytes against what autograd actually keeps, on the real nets and groups."""
     import torch
 
-    from hetero_ray.check import saved_tensor_bytes
     from hetero_ray.denoise.fusion import group_rdm
-    from hetero_ray.pipeline import build_net, prepare_groups
+    from hetero_ray.planning import saved_tensor_bytes
+    from hetero_ray.runners.prepare import build_net, prepare_groups
     from tests.conftest import make_spec
 
     spec = make_spec(zoo, tmp_path / "out")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from hetero_ray.client import FusionClient
-from hetero_ray.pipeline import fuse_local
+from hetero_ray.runners.local import fuse_local
 from tests.conftest import make_spec
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ SPEC_OVERRIDES = {"cluster.workers": 2, "cluster.zero_stage": 3, "cluster.cpus_p
 def ray_local():
     import ray
 
-    from hetero_ray.distributed import ensure_ray
+    from hetero_ray.runners.ray.driver import ensure_ray
 
     ensure_ray(num_cpus=8)
     yield
@@ -50,7 +50,7 @@ def _max_diff(a, b):
 
 @pytest.fixture(scope="module")
 def zero3_run(zoo, ray_local, tmp_path_factory):
-    from hetero_ray.distributed import fuse
+    from hetero_ray.runners.ray.driver import fuse
 
     tmp = tmp_path_factory.mktemp("dist")
     spec = _spec(zoo, tmp, "zero3")
@@ -104,7 +104,7 @@ def test_driver_sees_alignment_per_family_and_every_training_step(zero3_run):
 def test_one_worker_zero0_matches_two_workers_zero3(zoo, zero3_run, tmp_path):
     """Same spec and seed: 1 worker ZeRO-0 vs 2 workers ZeRO-3, and the in-process reference. The only
     differences are float summation orders (micro-batch gradients summed per worker, then all-reduced)."""
-    from hetero_ray.distributed import fuse
+    from hetero_ray.runners.ray.driver import fuse
 
     spec, two = zero3_run
     one = fuse(spec.model_copy(update={"output": tmp_path / "one",
@@ -120,7 +120,7 @@ def test_one_worker_zero0_matches_two_workers_zero3(zoo, zero3_run, tmp_path):
 
 
 def test_rerun_of_a_finished_spec_resumes_instead_of_retraining(zoo, zero3_run, tmp_path):
-    from hetero_ray.distributed import fuse
+    from hetero_ray.runners.ray.driver import fuse
 
     spec, first = zero3_run
     t0 = time.perf_counter()
@@ -133,7 +133,7 @@ def test_rerun_of_a_finished_spec_resumes_instead_of_retraining(zoo, zero3_run, 
 
 @pytest.mark.parametrize("point", ["actor", "worker"])
 def test_killed_actor_or_worker_still_gives_the_undisturbed_output(zoo, zero3_run, tmp_path, monkeypatch, point):
-    from hetero_ray.distributed import fuse
+    from hetero_ray.runners.ray.driver import fuse
 
     spec, undisturbed = zero3_run
     marker = tmp_path / "fault-happened"

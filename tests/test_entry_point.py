@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import hetero_ray
-from hetero_ray import tiny
-from hetero_ray.adapters import WEIGHTS_NAME
 from hetero_ray.cli import main
-from hetero_ray.export import REPORT_KEYS
+from hetero_ray.contrib import tiny
+from hetero_ray.io.adapters import WEIGHTS_NAME
+from hetero_ray.io.export import REPORT_KEYS
 from hetero_ray.strategies import STRATEGIES
 from tests.test_bad_input_corpus import Workspace
 

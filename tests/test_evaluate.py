@@ -2,7 +2,7 @@
 
 import pytest
 
-from hetero_ray.evaluate import markdown_table, parse_entities, parse_relations, score, task_kind
+from hetero_ray.contrib.evaluate import markdown_table, parse_entities, parse_relations, score, task_kind
 
 
 def test_entity_parsing_normalizes_and_drops_malformed_items():
@@ -52,8 +52,8 @@ def test_markdown_table_formats_floats_and_blanks():
 
 
 def test_generation_and_answer_loss_on_a_tiny_model(zoo):
-    from hetero_ray import tiny
-    from hetero_ray.evaluate import answer_loss, evaluate_model, generate, load_model
+    from hetero_ray.contrib import tiny
+    from hetero_ray.contrib.evaluate import answer_loss, evaluate_model, generate, load_model
 
     model, tok = load_model(zoo["llama-base"], zoo["llama-lora"])
     records = tiny.task_records("movie", 5, seed=3)

@@ -7,11 +7,11 @@ import zipfile
 
 import pytest
 
-from hetero_ray import tiny
-from hetero_ray import zoo as zoo_mod
 from hetero_ray.cli import main
+from hetero_ray.contrib import tiny
+from hetero_ray.contrib import zoo as zoo_mod
+from hetero_ray.contrib.experts import ExpertSettings, cached_expert, expert_key
 from hetero_ray.errors import HeteroRayError
-from hetero_ray.experts import ExpertSettings, cached_expert, expert_key
 
 
 def test_expert_trains_and_is_cached_by_content(zoo, tmp_path):
@@ -34,7 +34,7 @@ def test_expert_trains_and_is_cached_by_content(zoo, tmp_path):
 
 
 def test_expert_refuses_targets_the_model_does_not_have(zoo, tmp_path):
-    from hetero_ray.experts import train_expert
+    from hetero_ray.contrib.experts import train_expert
 
     with pytest.raises(ValueError, match="none of the LoRA targets"):
         train_expert(zoo["llama-base"], tiny.task_records("movie", 4), tmp_path / "x",

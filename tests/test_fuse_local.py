@@ -7,22 +7,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hetero_ray.adapters import LoraAdapter, read_adapter
 from hetero_ray.denoise.fusion import module_deltas
-from hetero_ray.export import fused_tensors
-from hetero_ray.pipeline import (
+from hetero_ray.io.adapters import LoraAdapter, read_adapter
+from hetero_ray.io.export import fused_tensors
+from hetero_ray.runners.local import fuse_local
+from hetero_ray.runners.prepare import (
     align,
     build_net,
     candidates_of,
-    fuse_local,
-    load_tokenizer,
     open_source,
     open_target,
     prepare_groups,
     replay_examples,
 )
-from hetero_ray.target import load_target
-from hetero_ray.trainer import FusionObjective, lm_loss, plan_windows
+from hetero_ray.train.replay import load_tokenizer
+from hetero_ray.train.target import load_target
+from hetero_ray.train.trainer import FusionObjective, lm_loss, plan_windows
 from tests.conftest import make_spec
 
 
@@ -61,7 +61,7 @@ def test_gradient_once_per_window_equals_per_micro_batch_gradient(zoo, tmp_path)
     surrogate.backward()
     fast = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()
-    from hetero_ray.replay import collate
+    from hetero_ray.train.replay import collate
 
     for idx in window:  # the naive way: dB recomputed and differentiated through per micro-batch
         obj.patch.set(module_deltas(net(groups), groups))
@@ -90,7 +90,7 @@ def test_training_lowers_loss_and_export_matches_patched_model(zoo, fused_run):
 
     target = read_adapter(spec.target.adapter)
     patched = load_target(spec.target.base, target)
-    from hetero_ray.target import LoraDeltaPatch
+    from hetero_ray.train.target import LoraDeltaPatch
 
     patch = LoraDeltaPatch(patched, sorted(result.deltas))
     patch.set(result.deltas)
@@ -107,7 +107,7 @@ def test_training_lowers_loss_and_export_matches_patched_model(zoo, fused_run):
     assert {s["source_id"] for s in report["alignment"]["sources"]} == set(report["inputs"]["sources"])
     assert report["versions"]["torch"].startswith("2.")
     assert (result.output / "README.md").read_text().startswith("# fusion-")
-    from hetero_ray.plots import PLOTS
+    from hetero_ray.io.plots import PLOTS
 
     for name in PLOTS:  # non-empty PNGs
         assert (result.output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

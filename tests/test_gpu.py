@@ -4,7 +4,7 @@ run on a GPU machine with `python -m pytest -q tests/test_gpu.py`."""
 import pytest
 import torch
 
-from hetero_ray.pipeline import fuse_local
+from hetero_ray.runners.local import fuse_local
 from tests.conftest import make_spec
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

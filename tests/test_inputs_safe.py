@@ -18,10 +18,10 @@ import pytest
 import torch
 import yaml
 
-from hetero_ray.adapters import CONFIG_NAME, WEIGHTS_NAME
 from hetero_ray.cli import main
 from hetero_ray.errors import OutputError
-from hetero_ray.outputs import OUTPUT_MARKER, atomic_output_dir
+from hetero_ray.io.adapters import CONFIG_NAME, WEIGHTS_NAME
+from hetero_ray.io.outputs import OUTPUT_MARKER, atomic_output_dir
 from tests.test_bad_input_corpus import Workspace, tree_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def _dead_pid() -> int:
 
 
 def test_leftovers_of_a_killed_writer_are_tidied_and_a_cut_swap_is_undone(tmp_path):
-    from hetero_ray.outputs import _host
+    from hetero_ray.io.outputs import _host
 
     dest, pid, host = tmp_path / "fused", _dead_pid(), _host()
     stale = tmp_path / f".fused.tmp-{host}-{pid}-abc"
@@ -73,7 +73,7 @@ def test_leftovers_of_a_killed_writer_are_tidied_and_a_cut_swap_is_undone(tmp_pa
 
 
 def test_a_swap_cut_between_its_renames_puts_the_previous_output_back(tmp_path, monkeypatch):
-    import hetero_ray.outputs as outputs
+    import hetero_ray.io.outputs as outputs
 
     dest = tmp_path / "fused"
     with atomic_output_dir(dest) as tmp:
@@ -100,7 +100,7 @@ def _spec(ws: Workspace, **extra) -> str:
 
 
 def test_sigterm_while_writing_leaves_no_partial_output(zoo, tmp_path, monkeypatch, capsys):
-    import hetero_ray.export as export
+    import hetero_ray.io.export as export
 
     real = export.write_adapter
 
@@ -139,7 +139,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(zoo, tmp_path):
 
 
 def test_source_lora_alpha_scales_its_candidates(zoo, tmp_path):
-    from hetero_ray.pipeline import align, candidates_of, open_source, open_target
+    from hetero_ray.runners.prepare import align, candidates_of, open_source, open_target
     from tests.conftest import make_spec
 
     ws = Workspace(tmp_path, zoo)

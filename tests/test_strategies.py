@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hetero_ray import tiny
-from hetero_ray.adapters import LoraAdapter, read_adapter
+from hetero_ray.contrib import tiny
 from hetero_ray.errors import HeteroRayError
+from hetero_ray.io.adapters import LoraAdapter, read_adapter
 from hetero_ray.strategies import STRATEGIES, completed, factorize, product, run_strategy
 from tests.conftest import make_spec
 

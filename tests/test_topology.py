@@ -1,18 +1,18 @@
 import pytest
 import torch
 
-from hetero_ray.adapters import read_adapter
+from hetero_ray.align import head_map, layer_pairs, plan_alignment, tail_map, uniform_map
 from hetero_ray.errors import FamilyError
-from hetero_ray.pipeline import open_adapter
-from hetero_ray.topology.align import head_map, layer_pairs, plan_alignment, tail_map, uniform_map
-from hetero_ray.topology.blocks import from_tokens, harmonize_rank, module_tokens, to_tokens
-from hetero_ray.topology.families import (
+from hetero_ray.families import (
     ModelDims,
     build_topology,
     detect_family,
     get_family,
     split_qkv_interleaved,
 )
+from hetero_ray.io.adapters import read_adapter
+from hetero_ray.runners.prepare import open_adapter
+from hetero_ray.tokens.blocks import from_tokens, harmonize_rank, module_tokens, to_tokens
 
 
 def test_layer_maps_match_hand_tables():
@@ -43,7 +43,7 @@ def test_aligning_an_adapter_to_itself_is_identity(zoo):
     for entry in plan.entries:
         (feed,) = entry.feeds
         assert (feed.source_layer, feed.source_module, feed.harmonize) == (entry.layer, entry.module, "none")
-    from hetero_ray.candidates import slot_tensors, source_candidates
+    from hetero_ray.tokens.candidates import slot_tensors, source_candidates
 
     for c in source_candidates(plan, 0, adapter, topo, block_size=64):
         slot = topo.slots[(c.target_layer, c.role)]
@@ -152,7 +152,7 @@ def test_base_configs_take_transformers_defaults_for_what_they_leave_out():
     """A Gemma-3 config.json often states no head counts or head_dim in text_config: the shapes that check the
     adapter must come from Gemma3TextConfig's defaults (8 heads, 4 kv heads, head_dim 256), not from
     hidden_size / heads."""
-    from hetero_ray.topology.families import ModelDims, llama_style_shapes, with_defaults
+    from hetero_ray.families import ModelDims, llama_style_shapes, with_defaults
 
     raw = {"model_type": "gemma3", "text_config": {"model_type": "gemma3_text", "hidden_size": 64,
                                                    "intermediate_size": 128, "num_hidden_layers": 2}}

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hetero_ray.adapters import LoraAdapter
-from hetero_ray.candidates import Candidate, slot_tensors
+from hetero_ray.align import AlignmentPlan
 from hetero_ray.denoise.rdm import rdm
 from hetero_ray.denoise.transfer_net import TransferNet, TransferNetConfig
 from hetero_ray.errors import HeteroRayError
-from hetero_ray.topology.align import AlignmentPlan
-from hetero_ray.topology.blocks import from_tokens, module_tokens
-from hetero_ray.topology.families import Rows, Topology
+from hetero_ray.families import Rows, Topology
+from hetero_ray.io.adapters import LoraAdapter
+from hetero_ray.tokens.blocks import from_tokens, module_tokens
+from hetero_ray.tokens.candidates import Candidate, slot_tensors
 
 
 @dataclass

@@ -7,7 +7,7 @@ spec, the CLI (``hetero-ray strategies``), the benchmark and the demo read it. A
 
 :func:`run_strategy` is the one path every entry point takes (``hetero-ray fuse``, :func:`hetero_ray.run`,
 ``jobs/fuse.py``, the benchmark, the demo): it checks and protects every input before any work, runs the
-strategy, and writes one output with one report schema (:func:`hetero_ray.export.write_output`).
+strategy, and writes one output with one report schema (:func:`hetero_ray.io.export.write_output`).
 """
 
 from __future__ import annotations

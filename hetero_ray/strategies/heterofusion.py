@@ -21,14 +21,14 @@ class HeteroFusion(Strategy):
 
     def run(self, spec: FusionSpec, address: str | None, use_ray: bool,
             on_progress: Callable[[dict], None] | None) -> Path:
-        from hetero_ray.target import check_base_dir
+        from hetero_ray.train.target import check_base_dir
 
         check_base_dir(spec.target.base, "target.base")
         if use_ray:
-            from hetero_ray.distributed import fuse
+            from hetero_ray.runners.ray.driver import fuse
 
             return fuse(spec, address, on_progress=on_progress).output
-        from hetero_ray.pipeline import fuse_local
+        from hetero_ray.runners.local import fuse_local
 
         on_step = (lambda m: on_progress({"stage": "train", **m})) if on_progress else None
         return fuse_local(spec, on_step=on_step).output

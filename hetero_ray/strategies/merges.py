@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from hetero_ray.adapters import LoraAdapter
 from hetero_ray.errors import HeteroRayError
+from hetero_ray.io.adapters import LoraAdapter
 from hetero_ray.spec import FusionSpec
 from hetero_ray.strategies import NoParams, Strategy, register
 
@@ -163,7 +163,7 @@ class MergeStrategy(Strategy):
 
     def run(self, spec: FusionSpec, address: str | None, use_ray: bool,
             on_progress: Callable[[dict], None] | None) -> Path:
-        from hetero_ray.export import write_merged
+        from hetero_ray.io.export import write_merged
 
         t0 = time.perf_counter()
         merged = self.merge(spec, self.params(spec))
@@ -172,14 +172,14 @@ class MergeStrategy(Strategy):
 
 
 def _target(spec: FusionSpec) -> LoraAdapter:
-    from hetero_ray.pipeline import open_target
+    from hetero_ray.runners.prepare import open_target
 
     return open_target(spec)[0]
 
 
 def same_family_inputs(spec: FusionSpec) -> list[LoraAdapter]:
     """[target, *sources], refusing a source that is not an expert on the target's own base."""
-    from hetero_ray.pipeline import open_source, open_target
+    from hetero_ray.runners.prepare import open_source, open_target
 
     target, ttopo = open_target(spec)
     out = [target]
@@ -282,8 +282,8 @@ class NaiveTransfer(MergeStrategy):
     Params = Weighted
 
     def merge(self, spec, params):
-        from hetero_ray.candidates import slot_tensors
-        from hetero_ray.pipeline import align, open_source, open_target
+        from hetero_ray.runners.prepare import align, open_source, open_target
+        from hetero_ray.tokens.candidates import slot_tensors
 
         target, ttopo = open_target(spec)
         sources = [open_source(spec, i) for i in range(len(spec.sources))]

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero_ray.denoise.fusion import GroupInputs, group_rdm, module_deltas
-from hetero_ray.replay import IGNORE, Example, collate
 from hetero_ray.spec import MethodSpec, TrainingSpec
-from hetero_ray.target import LoraDeltaPatch
+from hetero_ray.train.replay import IGNORE, Example, collate
+from hetero_ray.train.target import LoraDeltaPatch
 
 
 def lm_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

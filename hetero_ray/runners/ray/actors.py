@@ -8,11 +8,11 @@ import time
 import pyarrow as pa
 import ray
 
-from hetero_ray.candidates import candidates_to_arrow
-from hetero_ray.faults import maybe_fail
-from hetero_ray.pipeline import candidates_of, open_source
+from hetero_ray.align import AlignmentPlan
+from hetero_ray.runners.prepare import candidates_of, open_source
+from hetero_ray.runners.ray.faults import maybe_fail
 from hetero_ray.spec import FusionSpec
-from hetero_ray.topology.align import AlignmentPlan
+from hetero_ray.tokens.candidates import candidates_to_arrow
 
 
 @ray.remote(max_restarts=3, max_task_retries=3)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from hetero_ray.errors import HeteroRayError
-from hetero_ray.topology.families import Slot, Topology
+from hetero_ray.families import Slot, Topology
 
 LayerMap = Callable[[int, int], dict[int, int]]
 LAYER_MAPS: dict[str, LayerMap] = {}

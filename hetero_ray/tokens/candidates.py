@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hetero_ray.adapters import LoraAdapter
+from hetero_ray.align import AlignmentPlan
 from hetero_ray.controls import Control
-from hetero_ray.topology.align import AlignmentPlan
-from hetero_ray.topology.blocks import harmonize_rank, module_tokens
-from hetero_ray.topology.families import Slot, Topology
+from hetero_ray.families import Slot, Topology
+from hetero_ray.io.adapters import LoraAdapter
+from hetero_ray.tokens.blocks import harmonize_rank, module_tokens
 
 
 @dataclass

@@ -7,6 +7,7 @@ filesystem); run state and checkpoints go to ``cluster.storage`` (a local path o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -18,29 +19,27 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
-from hetero_ray.actors import FamilyActor
-from hetero_ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
-from hetero_ray.candidates import CANDIDATE_SCHEMA
+from hetero_ray.align import AlignmentPlan
+from hetero_ray.console import quiet_requested
 from hetero_ray.errors import ClusterError, HeteroRayError
-from hetero_ray.export import export_fused_adapter
-from hetero_ray.faults import fault_spec
-from hetero_ray.pipeline import (
-    FusionResult,
+from hetero_ray.io.export import export_fused_adapter
+from hetero_ray.progress import progress_sink, train_callback
+from hetero_ray.runners.local import FusionResult, build_report, fusion_card
+from hetero_ray.runners.prepare import (
     align,
-    build_report,
-    fusion_card,
     input_hashes,
-    load_tokenizer,
     net_configs,
     open_source,
     open_target,
     replay_records,
     resolve_block_size,
 )
-from hetero_ray.progress import progress_sink, train_callback
-from hetero_ray.replay import tokenize
+from hetero_ray.runners.ray.actors import FamilyActor
+from hetero_ray.runners.ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
+from hetero_ray.runners.ray.faults import fault_spec
 from hetero_ray.spec import FusionSpec
-from hetero_ray.topology.align import AlignmentPlan
+from hetero_ray.tokens.candidates import CANDIDATE_SCHEMA
+from hetero_ray.train.replay import load_tokenizer, tokenize
 
 LAYERS_PER_TASK = 8
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -62,11 +61,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Ray's core worker installs a native SIGTERM handler that aborts the process; keep the caller's Python
     # handler (the CLI's turns SIGTERM into a clean exit: no partial output, Ray shut down)
     on_term = signal.getsignal(signal.SIGTERM)
+    # on a terminal the driver shows bars (fed by the progress actor), not the workers' log lines
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING} if quiet_requested() else {}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, **{"log_to_driver": True, **quiet})
     else:
         ray.init(num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False,
-                 _node_ip_address="127.0.0.1")
+                 _node_ip_address="127.0.0.1", **quiet)
     if callable(on_term) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_term)
     # hetero-ray reports its own progress (HETERO_RAY_PROGRESS lines and terminal bars); Ray Data's per-dataset

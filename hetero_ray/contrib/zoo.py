@@ -16,9 +16,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetero_ray.adapters import file_sha256
 from hetero_ray.errors import HeteroRayError
-from hetero_ray.outputs import atomic_output_dir
+from hetero_ray.io.adapters import file_sha256
+from hetero_ray.io.outputs import atomic_output_dir
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hetero_ray.adapters import LoraAdapter
 from hetero_ray.errors import AdapterError, HeteroRayError
+from hetero_ray.io.adapters import LoraAdapter
 
 
 def load_base_model(base: str | Path, dtype: torch.dtype = torch.float32):

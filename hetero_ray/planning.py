@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from hetero_ray.adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, LoraAdapter, config_only_adapter
 from hetero_ray.denoise.transfer_net import TransferNetConfig
 from hetero_ray.errors import FamilyError
-from hetero_ray.pipeline import align, net_configs, open_adapter, resolve_block_size, sequence_lengths
+from hetero_ray.families import ModelDims, Topology, build_topology, detect_family, read_base_config
+from hetero_ray.io.adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, LoraAdapter, config_only_adapter
+from hetero_ray.runners.prepare import align, net_configs, open_adapter, resolve_block_size, sequence_lengths
 from hetero_ray.spec import FusionSpec
-from hetero_ray.topology.families import ModelDims, Topology, build_topology, detect_family, read_base_config
 
 GIB = 1 << 30
 

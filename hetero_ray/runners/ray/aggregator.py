@@ -45,7 +45,7 @@ def partition_numel(module: torch.nn.Module) -> int:
 def _read_candidates():
     import ray.train
 
-    from hetero_ray.candidates import candidates_from_arrow
+    from hetero_ray.tokens.candidates import candidates_from_arrow
 
     shard = ray.train.get_dataset_shard("candidates")
     return [c for t in shard.iter_batches(batch_format="pyarrow", batch_size=None) for c in candidates_from_arrow(t)]
@@ -54,7 +54,7 @@ def _read_candidates():
 def _read_replay():
     import ray.train
 
-    from hetero_ray.replay import Example
+    from hetero_ray.train.replay import Example
 
     shard = ray.train.get_dataset_shard("replay")
     rows = [r for b in shard.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
@@ -75,12 +75,12 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     from safetensors.torch import save_file
 
+    from hetero_ray.align import AlignmentPlan
     from hetero_ray.denoise.fusion import assemble_groups, attention_mass
-    from hetero_ray.faults import maybe_fail
-    from hetero_ray.pipeline import build_net, open_target
-    from hetero_ray.target import load_target
-    from hetero_ray.topology.align import AlignmentPlan
-    from hetero_ray.trainer import FusionObjective, cosine_schedule, plan_windows
+    from hetero_ray.runners.prepare import build_net, open_target
+    from hetero_ray.runners.ray.faults import maybe_fail
+    from hetero_ray.train.target import load_target
+    from hetero_ray.train.trainer import FusionObjective, cosine_schedule, plan_windows
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -1,28 +1,20 @@
-"""The fusion pipeline as plain steps, shared by the in-process runner and the Ray orchestration:
-open and align adapters, make candidates, assemble groups, size and build the transfer networks, tokenize
-the replay, train, export."""
+"""Prepare a fusion, shared by every runner: open the target and the sources, align them, size the
+blocks and transfer networks, make candidates and the replay examples, hash the inputs."""
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hetero_ray.adapters import LoraAdapter, file_sha256, read_adapter
-from hetero_ray.candidates import Candidate, source_candidates
-from hetero_ray.denoise.fusion import DirectDelta, FusionNet, GroupInputs, assemble_groups, attention_mass
+from hetero_ray.align import AlignmentPlan, plan_alignment
+from hetero_ray.denoise.fusion import DirectDelta, FusionNet, GroupInputs, assemble_groups
 from hetero_ray.denoise.transfer_net import PAPER, TransferNetConfig, auto_sizes
-from hetero_ray.errors import HeteroRayError, SpecError
-from hetero_ray.export import export_fused_adapter, report_header
-from hetero_ray.replay import Example, load_records, tokenize
-from hetero_ray.spec import FusionSpec
-from hetero_ray.topology.align import AlignmentPlan, plan_alignment
-from hetero_ray.topology.blocks import n_blocks
-from hetero_ray.topology.families import (
+from hetero_ray.errors import SpecError
+from hetero_ray.families import (
     ModelDims,
     Topology,
     build_topology,
@@ -30,6 +22,11 @@ from hetero_ray.topology.families import (
     detect_family,
     find_base_config,
 )
+from hetero_ray.io.adapters import LoraAdapter, file_sha256, read_adapter
+from hetero_ray.spec import FusionSpec
+from hetero_ray.tokens.blocks import n_blocks
+from hetero_ray.tokens.candidates import Candidate, source_candidates
+from hetero_ray.train.replay import Example, load_records, tokenize
 
 
 def open_adapter(path: Path, family: str | None, base: Path | None, allow_pickle: bool, strict: bool
@@ -127,15 +124,6 @@ def replay_examples(spec: FusionSpec, tokenizer) -> list[Example]:
     return tokenize(tokenizer, replay_records(spec), spec.training.max_length)
 
 
-def load_tokenizer(base: Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def input_hashes(spec: FusionSpec, target: LoraAdapter, sources: list[LoraAdapter]) -> dict:
     base_cfg = spec.target.base / "config.json"
     return {
@@ -144,54 +132,6 @@ def input_hashes(spec: FusionSpec, target: LoraAdapter, sources: list[LoraAdapte
         "sources": {sid: a.sha256() for sid, a in zip(spec.source_ids(), sources, strict=True)},
         "replay": {str(r.path): file_sha256(r.path) for r in spec.replay},
     }
-
-
-@dataclass
-class FusionResult:
-    output: Path
-    history: list[dict]
-    plan: AlignmentPlan
-    deltas: dict[str, torch.Tensor] = field(repr=False)
-    report: dict = field(repr=False)
-
-
-def build_report(spec: FusionSpec, plan: AlignmentPlan, hashes: dict, history: list[dict], outputs: dict,
-                 groups: dict[str, GroupInputs], net_cfgs: dict, timings: dict) -> dict:
-    return {
-        **report_header(spec, hashes, timings, history, plan.to_dict()),
-        "transfer_nets": {n: c.to_dict() for n, c in net_cfgs.items()},
-        "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
-        "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
-        "attention_mass": attention_mass(outputs, groups, len(spec.sources)),
-    }
-
-
-def fusion_card(spec: FusionSpec, plan: AlignmentPlan, history: list[dict]) -> str:
-    lines = [
-        f"# {spec.resolved_name()}", "",
-        f"A LoRA adapter for `{spec.target.base.name}` fused by hetero-ray (HeteroFusion) from the target adapter "
-        f"`{spec.target.adapter.name}` and {len(spec.sources)} source(s) of other families.", "",
-        "| source | family | layers | aligned target layers |", "|---|---|---|---|",
-    ]
-    for s in plan.sources:
-        layers = sorted(s.layer_pairs)
-        span = f"{layers[0]}..{layers[-1]}" if layers else "none"
-        lines.append(f"| {s.source_id} | {s.family} | {s.n_layers} | {span} |")
-    if history:
-        lines += ["", f"Strategy: `{spec.strategy}`. Steps: {len(history)}. LM loss {history[0]['lm_loss']:.4f} "
-                  f"(first step) -> {history[-1]['lm_loss']:.4f} (last step)."]
-    lines += ["", "Provenance (input hashes, resolved spec, versions): `fusion_report.json`.", "",
-              "![loss](loss.png) ![alpha](alpha.png) ![attention mass](attention_mass.png)", ""]
-    return "\n".join(lines)
-
-
-def fusion_device(spec: FusionSpec) -> torch.device:
-    """cuda when the spec asks for GPUs (`cluster.use_gpu`), else cpu."""
-    if spec.cluster.use_gpu:
-        if not torch.cuda.is_available():
-            raise HeteroRayError("cluster.use_gpu is set but this process sees no CUDA device")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 @dataclass
@@ -218,37 +158,3 @@ def prepare_groups(spec: FusionSpec) -> Prepared:
     ]
     groups = assemble_groups(plan, target, target_topo, cands, block)
     return Prepared(target, target_topo, sources, plan, block, groups)
-
-
-def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) -> FusionResult:
-    """The whole fusion in this process, without Ray or DeepSpeed (the reference for the distributed run);
-    on a GPU when ``cluster.use_gpu`` is set."""
-    from hetero_ray.target import load_target
-    from hetero_ray.trainer import FusionObjective, fit
-
-    timings = {}
-    t0 = time.perf_counter()
-    prepared = prepare_groups(spec)
-    target, sources, plan, block, groups = (prepared.target, prepared.sources, prepared.plan, prepared.block,
-                                            prepared.groups)
-    timings["align_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    device = fusion_device(spec)
-    groups = {n: g.to(device) for n, g in groups.items()}
-    model = load_target(spec.target.base, target).to(device)
-    tokenizer = load_tokenizer(spec.target.base)
-    examples = replay_examples(spec, tokenizer)
-    net = build_net(spec, plan, block, groups).to(device)
-    objective = FusionObjective(model, groups, spec.method, examples, tokenizer.pad_token_id,
-                                torch.Generator().manual_seed(spec.seed))
-    timings["setup_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    history = fit(net, objective, spec.training, spec.seed, on_step)
-    timings["train_s"] = time.perf_counter() - t0
-    deltas, outputs = objective.final_deltas(net)
-    cfgs = net_configs(spec, plan, block) if spec.control.reads_sources else {}
-    report = build_report(spec, plan, input_hashes(spec, target, [a for a, _ in sources]), history, outputs,
-                          groups, cfgs, timings)
-    out = export_fused_adapter(spec, target, deltas, report, fusion_card(spec, plan, history))
-    objective.patch.remove()
-    return FusionResult(out, history, plan, deltas, report)

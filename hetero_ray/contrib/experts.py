@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.adapters import file_sha256
-from hetero_ray.outputs import atomic_output_dir, check_replaceable, check_spares_inputs
-from hetero_ray.replay import collate, tokenize
-from hetero_ray.trainer import cosine_schedule, lm_loss
+from hetero_ray.io.adapters import file_sha256
+from hetero_ray.io.outputs import atomic_output_dir, check_replaceable, check_spares_inputs
+from hetero_ray.train.replay import collate, tokenize
+from hetero_ray.train.trainer import cosine_schedule, lm_loss
 
 EXPERT_CARD = "expert.json"
 
@@ -63,8 +63,8 @@ def train_expert(base: str | Path, records: Sequence[dict], out_dir: str | Path,
     check_replaceable(Path(out_dir), overwrite, "expert: out")
     from peft import LoraConfig, get_peft_model
 
-    from hetero_ray.pipeline import load_tokenizer
-    from hetero_ray.target import load_base_model
+    from hetero_ray.train.replay import load_tokenizer
+    from hetero_ray.train.target import load_base_model
 
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(Path(base))

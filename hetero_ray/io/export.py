@@ -1,6 +1,6 @@
 """The one writer of every strategy's output: a PEFT adapter, ``fusion_report.json`` with one schema (what ran,
 on which inputs' hashes, with which versions; plus each strategy's own keys), a README card and plots, all
-written to a temporary directory swapped into place when complete (:mod:`hetero_ray.outputs`). Trained runs
+written to a temporary directory swapped into place when complete (:mod:`hetero_ray.io.outputs`). Trained runs
 keep A_t and write B_t + alpha dB; merges write their factors."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.adapters import AdapterError, LoraAdapter, write_adapter
-from hetero_ray.outputs import atomic_output_dir
-from hetero_ray.plots import write_plots
+from hetero_ray.io.adapters import AdapterError, LoraAdapter, write_adapter
+from hetero_ray.io.outputs import atomic_output_dir
+from hetero_ray.io.plots import write_plots
 
 REPORT_NAME = "fusion_report.json"
 
@@ -92,7 +92,7 @@ def export_fused_adapter(spec, target: LoraAdapter, deltas: Mapping[str, torch.T
 def write_merged(spec, strategy, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int,
                  extra: dict, timings: dict) -> Path:
     """A merge's output: its factors as a PEFT adapter (lora_alpha = r: scaling 1, the scale is inside B)."""
-    from hetero_ray.pipeline import input_hashes, open_source, open_target
+    from hetero_ray.runners.prepare import input_hashes, open_source, open_target
 
     target = open_target(spec)[0]
     dtype = target.tensor(next(iter(target.modules.values())).a_key).dtype

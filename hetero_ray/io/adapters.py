@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hetero_ray.errors import AdapterError
-from hetero_ray.outputs import atomic_output_dir
+from hetero_ray.io.outputs import atomic_output_dir
 
 __all__ = ["LoraAdapter", "LoraModule", "atomic_output_dir", "read_adapter", "write_adapter"]
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hetero_ray.adapters import LoraAdapter, LoraModule, read_json
 from hetero_ray.errors import AdapterError, FamilyError
+from hetero_ray.io.adapters import LoraAdapter, LoraModule, read_json
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.replay import format_prompt
+from hetero_ray.train.replay import format_prompt
 
 KINDS = ("ner", "re", "label")
 
@@ -132,8 +132,8 @@ def generate(model, tokenizer, records: Sequence[Mapping], batch_size: int = 16,
 @torch.no_grad()
 def answer_loss(model, tokenizer, records: Sequence[Mapping], batch_size: int = 16, max_length: int = 256) -> float:
     """Mean cross-entropy of the gold answers (+ EOS) given the prompts, over all answer tokens."""
-    from hetero_ray.replay import IGNORE, collate, tokenize
-    from hetero_ray.trainer import lm_loss
+    from hetero_ray.train.replay import IGNORE, collate, tokenize
+    from hetero_ray.train.trainer import lm_loss
 
     model.eval()
     examples = tokenize(tokenizer, records, max_length)
@@ -178,7 +178,7 @@ def load_model(base: str | Path, adapter: str | Path | None = None, dtype: torch
     """The base model (a local HF directory) with ``adapter`` applied through PEFT, or alone."""
     from transformers import AutoModelForCausalLM
 
-    from hetero_ray.pipeline import load_tokenizer
+    from hetero_ray.train.replay import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
     if adapter is not None:

@@ -1,0 +1,1 @@
+"""Reading and writing: PEFT adapters, the protected atomic output, the one writer and its report, plots."""

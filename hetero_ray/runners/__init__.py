@@ -1,0 +1,1 @@
+"""Runners over the same components: prepare (open, align, size), in-process, and on Ray."""

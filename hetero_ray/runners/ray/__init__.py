@@ -1,0 +1,1 @@
+"""The distributed runner: FamilyActors, Ray Data streams, the DeepSpeed aggregator on Ray Train, the driver."""

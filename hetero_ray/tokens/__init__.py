@@ -1,0 +1,1 @@
+"""Adapters become tokens: rank harmonization, blocking, singular values, update candidates."""
