@@ -139,7 +139,6 @@ def check(spec: Path, as_json: bool, **kwargs) -> None:
     from hetero_ray.spec import load_spec
 
     overrides = collect_overrides(kwargs)
-    overrides.setdefault("overwrite", True)  # checking writes nothing; an existing output is no error here
     report = run_check(load_spec(spec, overrides))
     click.echo(json.dumps(report, indent=2) if as_json else format_check(report))
 

@@ -194,6 +194,19 @@ class FusionSpec(_Strict):
         paths.update({f"replay[{i}].path": r.path for i, r in enumerate(self.replay)})
         return paths
 
+    def _adapter_bases(self) -> dict[str, Path]:
+        """Local base models the adapters name in ``base_model_name_or_path``: read as inputs, so protected."""
+        out = {}
+        for field_name, adapter in [("target.adapter", self.target.adapter),
+                                    *((f"sources[{i}].adapter", s.adapter) for i, s in enumerate(self.sources))]:
+            try:
+                base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError, RecursionError):
+                continue  # reading the adapter reports what is wrong with its config
+            if isinstance(base, str) and base and Path(base).exists():
+                out[f"{field_name}'s base_model_name_or_path"] = Path(base)
+        return out
+
     def run_dir(self) -> Path | None:
         """Where run state and checkpoints go when ``cluster.storage`` is on this machine's filesystem (a path
         or a ``file://`` URI); None for remote storage."""
@@ -229,7 +242,7 @@ class FusionSpec(_Strict):
                             "model directory is expected)")
         for i, r in enumerate(self.replay):
             load_records(r.path, r.take, self.seed + i, field=f"{origin}: replay[{i}]")
-        protected = {**inputs, **({"spec file": spec_file} if spec_file else {})}
+        protected = {**inputs, **self._adapter_bases(), **({"spec file": spec_file} if spec_file else {})}
         check_spares_inputs(self.output, protected, origin)
         check_replaceable(self.output, self.overwrite, f"{origin}: output")
         run_dir = self.run_dir()

@@ -353,6 +353,9 @@ CASES = [
     Case("output-is-the-run-directory", lambda ws: (ws.spec.update(
         name="run1", output="runs/run1", cluster={**ws.spec["cluster"], "storage": "runs"}), ws.fuse())[1],
         ("output:", "is the input cluster.storage/name (the run directory)")),
+    Case("output-is-a-base-named-only-by-an-adapter", lambda ws: (ws.spec.update(overwrite=True, output=json.loads(
+        (ws.path("src-qwen2") / CONFIG_NAME).read_text())["base_model_name_or_path"]), ws.fuse())[1],
+        ("is the input sources[0].adapter's base_model_name_or_path",)),
     Case("output-grandparent-is-a-file", _output("notes.txt/sub/fused", prepare=lambda ws: ws.path("notes.txt")
                                                  .write_text("x")), ("its parent", "notes.txt is a file")),
     Case("base-text-config-not-an-object", _config("phi3-base", lambda c: c.update(text_config="phi3")),
