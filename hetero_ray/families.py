@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hetero_ray.errors import AdapterError, FamilyError
 from hetero_ray.io.adapters import LoraAdapter, LoraModule, read_json
+from hetero_ray.registry import Registry
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -112,21 +113,15 @@ class Family:
         return (int(m[1]), m[2]) if m else None
 
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: Registry[Family] = Registry("family", FamilyError)
 
 
 def register_family(family: Family) -> Family:
-    if family.name in FAMILIES:
-        raise ValueError(f"family {family.name!r} is already registered")
-    FAMILIES[family.name] = family
-    return family
+    return FAMILIES.add(family.name, family)
 
 
 def get_family(name: str) -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise FamilyError(f"unknown family {name!r}; known families: {', '.join(sorted(FAMILIES))}") from None
+    return FAMILIES.lookup(name)
 
 
 def _geometry(config: Mapping) -> tuple[int, int, int, int]:

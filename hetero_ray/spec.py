@@ -143,7 +143,7 @@ class FusionSpec(_Strict):
         from hetero_ray.strategies import STRATEGIES
 
         if v not in STRATEGIES:
-            raise ValueError(f"unknown strategy {v!r}; registered: {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown strategy {v!r}; known: {', '.join(STRATEGIES)}")
         return v
 
     @model_validator(mode="after")

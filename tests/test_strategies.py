@@ -50,7 +50,7 @@ def test_the_registry_is_the_spec_s_list_of_names(zoo, tmp_path):
     assert {s.kind for s in STRATEGIES.values()} == {"trained", "merge"}
     for name in STRATEGIES:
         assert make_spec(zoo, tmp_path / name, strategy=name).strategy == name
-    with pytest.raises((ValidationError, HeteroRayError), match="unknown strategy 'tie'.*registered: heterofusion"):
+    with pytest.raises((ValidationError, HeteroRayError), match="unknown strategy 'tie'.*known: heterofusion"):
         make_spec(zoo, tmp_path / "x", strategy="tie")
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hetero_ray.controls import Control
 from hetero_ray.errors import SpecError
+from hetero_ray.registry import Registry
 from hetero_ray.spec import FusionSpec
 
 
@@ -49,21 +50,15 @@ class Strategy:
         return self.Params.model_validate(spec.params)
 
 
-STRATEGIES: dict[str, Strategy] = {}
+STRATEGIES: Registry[Strategy] = Registry("strategy", SpecError)
 
 
 def register(strategy: Strategy) -> Strategy:
-    if strategy.name in STRATEGIES:
-        raise ValueError(f"strategy {strategy.name!r} is already registered")
-    STRATEGIES[strategy.name] = strategy
-    return strategy
+    return STRATEGIES.add(strategy.name, strategy)
 
 
 def get_strategy(name: str) -> Strategy:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise SpecError(f"strategy: unknown strategy {name!r}; registered: {', '.join(STRATEGIES)}") from None
+    return STRATEGIES.lookup(name)
 
 
 def validate_params(name: str, params: dict) -> dict:

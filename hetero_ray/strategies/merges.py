@@ -232,48 +232,53 @@ class TargetOnly(MergeStrategy):
         return Merged(*uniform_rank(weighted_sum([target], [1.0])))
 
 
-class TaskArithmetic(MergeStrategy):
-    name = "task_arithmetic"
-    description = "same family: weighted sum of the updates, exact (rank = sum of ranks)"
+class SameFamilyMerge(MergeStrategy):
+    """A merge of experts on the target's own base: [target, *sources] with one weight each."""
+
     Params, same_family = Weighted, True
 
     def merge(self, spec, params):
         adapters = same_family_inputs(spec)
-        return Merged(*uniform_rank(weighted_sum(adapters, params.resolved(len(adapters)))))
+        return self.combine(adapters, params.resolved(len(adapters)), params, spec.seed)
+
+    def combine(self, adapters: list[LoraAdapter], weights: list[float], params, seed: int) -> Merged:
+        raise NotImplementedError
 
 
-class Linear(MergeStrategy):
+class TaskArithmetic(SameFamilyMerge):
+    name = "task_arithmetic"
+    description = "same family: weighted sum of the updates, exact (rank = sum of ranks)"
+
+    def combine(self, adapters, weights, params, seed):
+        return Merged(*uniform_rank(weighted_sum(adapters, weights)))
+
+
+class Linear(SameFamilyMerge):
     name = "linear"
     description = "same family: weighted mean of the updates, exact (rank = sum of ranks)"
-    Params, same_family = LinearParams, True
+    Params = LinearParams
 
-    def merge(self, spec, params):
-        adapters = same_family_inputs(spec)
-        w = params.resolved(len(adapters))
-        return Merged(*uniform_rank(weighted_sum(adapters, [x / sum(w) for x in w])))
+    def combine(self, adapters, weights, params, seed):
+        return Merged(*uniform_rank(weighted_sum(adapters, [w / sum(weights) for w in weights])))
 
 
-class Ties(MergeStrategy):
+class Ties(SameFamilyMerge):
     name = "ties"
     description = "same family: trim, weight, elect sign, disjoint mean; SVD back to LoRA"
-    Params, same_family = TiesParams, True
+    Params = TiesParams
 
-    def merge(self, spec, params):
-        adapters = same_family_inputs(spec)
-        w = params.resolved(len(adapters))
-        return dense_merge(adapters, params.rank, lambda d: ties_merge(d, w, params.density, params.scale))
+    def combine(self, adapters, weights, params, seed):
+        return dense_merge(adapters, params.rank, lambda d: ties_merge(d, weights, params.density, params.scale))
 
 
-class Dare(MergeStrategy):
+class Dare(SameFamilyMerge):
     name = "dare"
     description = "same family: random drop and rescale, weighted sum; SVD back to LoRA"
-    Params, same_family = DareParams, True
+    Params = DareParams
 
-    def merge(self, spec, params):
-        adapters = same_family_inputs(spec)
-        w = params.resolved(len(adapters))
-        gen = torch.Generator().manual_seed(spec.seed)
-        return dense_merge(adapters, params.rank, lambda d: dare_merge(d, w, params.drop_rate, gen))
+    def combine(self, adapters, weights, params, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return dense_merge(adapters, params.rank, lambda d: dare_merge(d, weights, params.drop_rate, gen))
 
 
 class NaiveTransfer(MergeStrategy):
