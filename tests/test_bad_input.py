@@ -12,7 +12,7 @@ from hetero_ray.runners.local import fuse_local
 from hetero_ray.runners.prepare import align, candidates_of, open_source, open_target
 from hetero_ray.spec import load_spec
 from hetero_ray.tokens.candidates import candidates_from_arrow, candidates_to_arrow
-from tests.conftest import make_spec
+from tests.helpers import make_spec
 
 
 def _copy(zoo, name, tmp_path):

@@ -11,80 +11,21 @@ Almost every case fails before a model is built, so the whole table runs in seco
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hetero_ray.cli import main
 from hetero_ray.io.adapters import CONFIG_NAME, WEIGHTS_NAME
+from tests.helpers import Workspace, tree_state
 
 SRC_KEY = "base_model.model.model.layers.1.self_attn.q_proj.lora_{}.weight"
-
-
-def tree_state(*roots: Path) -> dict[str, str]:
-    """Path -> sha256 of every file (symlinks by their target, not followed) under ``roots``."""
-    state = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            for name in dirnames + filenames:
-                p = Path(dirpath) / name
-                if p.is_symlink():
-                    state[str(p)] = "link:" + os.readlink(p)
-                elif p.is_file():
-                    state[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return state
-
-
-class Workspace:
-    """A directory of inputs a case may break: target base + adapter, two sources, a Phi-3 base, replay."""
-
-    def __init__(self, root: Path, zoo: dict[str, Path]):
-        self.root = root
-        for name, key in [("target-base", "llama-base"), ("target-lora", "llama-lora"), ("src-qwen2", "qwen2-lora"),
-                          ("src-phi3", "phi3-lora"), ("phi3-base", "phi3-base")]:
-            shutil.copytree(zoo[key], root / name)
-        shutil.copy(zoo["replay"], root / "replay.jsonl")
-        self.spec = {
-            "output": "fused",
-            "target": {"base": "target-base", "adapter": "target-lora"},
-            "sources": [{"adapter": "src-qwen2"}, {"adapter": "src-phi3", "base": "phi3-base"}],
-            "replay": [{"path": "replay.jsonl", "take": 8}],
-            "method": {"num_projections": 16},
-            "training": {"epochs": 1, "grad_accum": 1, "batch_size": 2, "max_length": 48, "max_steps": 1},
-            "cluster": {"workers": 1, "zero_stage": 0},
-        }
-
-    def path(self, rel: str) -> Path:
-        return self.root / rel
-
-    def write_spec(self, text: str | None = None) -> str:
-        p = self.root / "spec.yaml"
-        p.write_text(text if text is not None else yaml.safe_dump(self.spec))
-        return str(p)
-
-    def fuse(self, *flags: str) -> list[str]:
-        return ["fuse", self.write_spec(), "--no-ray", *flags]
-
-    def edit_config(self, rel: str, fn: Callable[[dict], object]) -> None:
-        p = self.path(rel) / (CONFIG_NAME if (self.path(rel) / CONFIG_NAME).exists() else "config.json")
-        config = json.loads(p.read_text())
-        new = fn(config)
-        p.write_text(json.dumps(config if new is None else new))
-
-    def edit_tensors(self, rel: str, fn: Callable[[dict], None]) -> None:
-        p = self.path(rel) / WEIGHTS_NAME
-        tensors = load_file(str(p))
-        fn(tensors)
-        save_file(tensors, str(p))
 
 
 @dataclass

@@ -80,7 +80,7 @@ def test_transfer_net_activation_estimate_matches_the_saved_tensors(zoo, tmp_pat
     from hetero_ray.denoise.fusion import group_rdm
     from hetero_ray.planning import saved_tensor_bytes
     from hetero_ray.runners.prepare import build_net, prepare_groups
-    from tests.conftest import make_spec
+    from tests.helpers import make_spec
 
     spec = make_spec(zoo, tmp_path / "out")
     report = check(spec)

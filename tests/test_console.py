@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_bad_input_corpus import Workspace
+from tests.helpers import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATTER = ("Warning", "WARNING", "Loading weights", "HETERO_RAY_PROGRESS", "Traceback", "INFO", "(RayTrainWorker",

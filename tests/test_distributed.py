@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hetero_ray.client import FusionClient
 from hetero_ray.runners.local import fuse_local
-from tests.conftest import make_spec
+from tests.helpers import make_spec
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from hetero_ray.contrib import tiny
 from hetero_ray.io.adapters import WEIGHTS_NAME
 from hetero_ray.io.export import REPORT_KEYS
 from hetero_ray.strategies import STRATEGIES
-from tests.test_bad_input_corpus import Workspace
+from tests.helpers import Workspace
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from hetero_ray.runners.prepare import (
 from hetero_ray.train.replay import load_tokenizer
 from hetero_ray.train.target import load_target
 from hetero_ray.train.trainer import FusionObjective, lm_loss, plan_windows
-from tests.conftest import make_spec
+from tests.helpers import make_spec
 
 
 def _setup(spec):

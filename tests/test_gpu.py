@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hetero_ray.runners.local import fuse_local
-from tests.conftest import make_spec
+from tests.helpers import make_spec
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

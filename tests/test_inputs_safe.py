@@ -22,7 +22,7 @@ from hetero_ray.cli import main
 from hetero_ray.errors import OutputError
 from hetero_ray.io.adapters import CONFIG_NAME, WEIGHTS_NAME
 from hetero_ray.io.outputs import OUTPUT_MARKER, atomic_output_dir
-from tests.test_bad_input_corpus import Workspace, tree_state
+from tests.helpers import Workspace, tree_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +140,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(zoo, tmp_path):
 
 def test_source_lora_alpha_scales_its_candidates(zoo, tmp_path):
     from hetero_ray.runners.prepare import align, candidates_of, open_source, open_target
-    from tests.conftest import make_spec
+    from tests.helpers import make_spec
 
     ws = Workspace(tmp_path, zoo)
     spec = make_spec(zoo, tmp_path / "o", sources=("gemma3",))  # same rank as the target: no harmonization

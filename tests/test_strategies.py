@@ -11,7 +11,7 @@ from hetero_ray.contrib import tiny
 from hetero_ray.errors import HeteroRayError
 from hetero_ray.io.adapters import LoraAdapter, read_adapter
 from hetero_ray.strategies import STRATEGIES, completed, factorize, product, run_strategy
-from tests.conftest import make_spec
+from tests.helpers import make_spec
 
 
 def _variant(src, dst, fn):
