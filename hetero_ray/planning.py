@@ -17,7 +17,7 @@ from hetero_ray.denoise.transfer_net import TransferNetConfig
 from hetero_ray.errors import FamilyError
 from hetero_ray.families import ModelDims, Topology, build_topology, detect_family, read_base_config
 from hetero_ray.io.adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, LoraAdapter, config_only_adapter
-from hetero_ray.runners.prepare import align, net_configs, open_adapter, resolve_block_size, sequence_lengths
+from hetero_ray.runners.prepare import alignment_plan, net_configs, open_adapter, resolve_block_size, sequence_lengths
 from hetero_ray.spec import FusionSpec
 
 GIB = 1 << 30
@@ -153,7 +153,7 @@ def check(spec: FusionSpec) -> dict:
     if tconfig is None:
         raise FamilyError(f"{spec.target.base}: the target base model's config.json is needed")
     sources = [open_for_check(s.adapter, s.family, s.base, spec.allow_pickle, strict=True) for s in spec.sources]
-    plan = align(spec, ttopo, [t for _, t, _ in sources])
+    plan = alignment_plan(spec, ttopo, [t for _, t, _ in sources])
     block = resolve_block_size(spec, plan)
     cfgs = net_configs(spec, plan, block)
     lengths = sequence_lengths(plan, block)

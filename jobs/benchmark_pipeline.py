@@ -52,7 +52,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from hetero_ray.runners.local import fuse_local
-    from hetero_ray.runners.prepare import align, candidates_of, open_source, open_target, resolve_block_size
+    from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target, resolve_block_size
     from hetero_ray.spec import parse_spec
 
     root = Path(tempfile.mkdtemp(prefix="hr-bench-"))
@@ -79,7 +79,7 @@ def main() -> None:
         t0 = time.perf_counter()
         _, ttopo = open_target(spec)
         sources = [open_source(spec, i) for i in range(len(spec.sources))]
-        plan = align(spec, ttopo, [t for _, t in sources])
+        plan = alignment_plan(spec, ttopo, [t for _, t in sources])
         block = resolve_block_size(spec, plan)
         n_cand = sum(1 for i, (a, t) in enumerate(sources) for _ in candidates_of(spec, plan, i, a, t, block))
         aligned.append(time.perf_counter() - t0)

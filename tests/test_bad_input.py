@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from hetero_ray.errors import AdapterError, FamilyError, HeteroRayError, SpecError
 from hetero_ray.io.adapters import WEIGHTS_NAME, read_adapter
 from hetero_ray.runners.local import fuse_local
-from hetero_ray.runners.prepare import align, candidates_of, open_source, open_target
+from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target
 from hetero_ray.spec import load_spec
 from hetero_ray.tokens.candidates import candidates_from_arrow, candidates_to_arrow
 from tests.helpers import make_spec
@@ -142,7 +142,7 @@ def test_candidates_round_trip_through_arrow_exactly(zoo, tmp_path):
     spec = make_spec(zoo, tmp_path / "o")
     _, ttopo = open_target(spec)
     srcs = [open_source(spec, i) for i in range(3)]
-    plan = align(spec, ttopo, [t for _, t in srcs])
+    plan = alignment_plan(spec, ttopo, [t for _, t in srcs])
     cands = [c for i, (a, t) in enumerate(srcs) for c in candidates_of(spec, plan, i, a, t, 64)]
     back = candidates_from_arrow(candidates_to_arrow(cands))
     assert len(back) == len(cands) > 0

@@ -12,7 +12,7 @@ from hetero_ray.io.adapters import LoraAdapter, read_adapter
 from hetero_ray.io.export import fused_tensors
 from hetero_ray.runners.local import fuse_local
 from hetero_ray.runners.prepare import (
-    align,
+    alignment_plan,
     build_net,
     candidates_of,
     open_source,
@@ -127,7 +127,7 @@ def test_zero_and_random_source_controls(zoo, tmp_path):
     spec = make_spec(zoo, tmp_path / "o")
     target, ttopo = open_target(spec)
     a, t = open_source(spec, 1)  # mistral, rank 8 -> harmonized to 4
-    plan = align(spec, ttopo, [open_source(spec, i)[1] for i in range(3)])
+    plan = alignment_plan(spec, ttopo, [open_source(spec, i)[1] for i in range(3)])
     real = list(candidates_of(spec, plan, 1, a, t, 64))
     zero = list(candidates_of(spec.model_copy(update={"strategy": "zero_sources"}), plan, 1, a, t, 64))
     rand = list(candidates_of(spec.model_copy(update={"strategy": "random_sources"}), plan, 1, a, t, 64))
@@ -144,7 +144,7 @@ def test_random_sources_have_equal_frobenius_norm_per_module(zoo, tmp_path):
     spec = make_spec(zoo, tmp_path / "o", sources=("gemma3",), control="random_sources")
     target, ttopo = open_target(spec)
     a, t = open_source(spec, 0)  # same rank as the target: no harmonization
-    plan = align(spec, ttopo, [t])
+    plan = alignment_plan(spec, ttopo, [t])
     for c in candidates_of(spec, plan, 0, a, t, 64):
         path = t.slots[(c.source_layer, c.role)].module.path
         src_a, src_b = a.module_tensors(path)

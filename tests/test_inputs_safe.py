@@ -139,7 +139,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_nothing(zoo, tmp_path):
 
 
 def test_source_lora_alpha_scales_its_candidates(zoo, tmp_path):
-    from hetero_ray.runners.prepare import align, candidates_of, open_source, open_target
+    from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target
     from tests.helpers import make_spec
 
     ws = Workspace(tmp_path, zoo)
@@ -152,7 +152,7 @@ def test_source_lora_alpha_scales_its_candidates(zoo, tmp_path):
 
     def b_tokens():
         a, t = open_source(spec, 0)
-        plan = align(spec, ttopo, [t])
+        plan = alignment_plan(spec, ttopo, [t])
         return [c.tokens[c.n_a_blocks:] for c in candidates_of(spec, plan, 0, a, t, 64)]
 
     first = b_tokens()

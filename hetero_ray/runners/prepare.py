@@ -51,7 +51,7 @@ def open_source(spec: FusionSpec, index: int) -> tuple[LoraAdapter, Topology]:
     return open_adapter(s.adapter, s.family, s.base, spec.allow_pickle, strict=True)
 
 
-def align(spec: FusionSpec, target: Topology, sources: list[Topology]) -> AlignmentPlan:
+def alignment_plan(spec: FusionSpec, target: Topology, sources: list[Topology]) -> AlignmentPlan:
     ids = spec.source_ids()
     pairs = list(zip(ids, sources, strict=True))
     return plan_alignment(target, pairs, spec.method.alignment, spec.method.transfer_ratio)
@@ -135,26 +135,36 @@ def input_hashes(spec: FusionSpec, target: LoraAdapter, sources: list[LoraAdapte
 
 
 @dataclass
-class Prepared:
-    """Everything fusion needs before training: the opened target and sources, the plan and the groups."""
+class Opened:
+    """The first stage of every path: the target and every source opened (headers only: shapes, families),
+    the alignment plan, and the block size."""
 
     target: LoraAdapter
     target_topo: Topology
     sources: list[tuple[LoraAdapter, Topology]]
     plan: AlignmentPlan
     block: int
+
+
+def open_and_align(spec: FusionSpec) -> Opened:
+    target, target_topo = open_target(spec)
+    sources = [open_source(spec, i) for i in range(len(spec.sources))]
+    plan = alignment_plan(spec, target_topo, [t for _, t in sources])
+    return Opened(target, target_topo, sources, plan, resolve_block_size(spec, plan))
+
+
+@dataclass
+class Prepared(Opened):
+    """Everything the in-process runner needs before training: :class:`Opened` plus the assembled groups."""
+
     groups: dict[str, GroupInputs]
 
 
 def prepare_groups(spec: FusionSpec) -> Prepared:
-    """Open the target and every source, align them, and assemble the groups in this process (the
-    ``replay_only`` control reads no source candidates)."""
-    target, target_topo = open_target(spec)
-    sources = [open_source(spec, i) for i in range(len(spec.sources))]
-    plan = align(spec, target_topo, [t for _, t in sources])
-    block = resolve_block_size(spec, plan)
+    """Open and align, then assemble the groups in this process (``replay_only`` reads no source candidates)."""
+    o = open_and_align(spec)
     cands = None if not spec.control.reads_sources else [
-        c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block)
+        c for i, (a, t) in enumerate(o.sources) for c in candidates_of(spec, o.plan, i, a, t, o.block)
     ]
-    groups = assemble_groups(plan, target, target_topo, cands, block)
-    return Prepared(target, target_topo, sources, plan, block, groups)
+    groups = assemble_groups(o.plan, o.target, o.target_topo, cands, o.block)
+    return Prepared(o.target, o.target_topo, o.sources, o.plan, o.block, groups)

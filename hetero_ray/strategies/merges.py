@@ -287,12 +287,11 @@ class NaiveTransfer(MergeStrategy):
     Params = Weighted
 
     def merge(self, spec, params):
-        from hetero_ray.runners.prepare import align, open_source, open_target
+        from hetero_ray.runners.prepare import open_and_align
         from hetero_ray.tokens.candidates import slot_tensors
 
-        target, ttopo = open_target(spec)
-        sources = [open_source(spec, i) for i in range(len(spec.sources))]
-        plan = align(spec, ttopo, [t for _, t in sources])
+        opened = open_and_align(spec)
+        target, ttopo, sources, plan = opened.target, opened.target_topo, opened.sources, opened.plan
         w = params.resolved(1 + len(sources))
         parts: dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
         for path in target.modules:

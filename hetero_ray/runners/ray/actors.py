@@ -27,7 +27,7 @@ class FamilyActor:
         self.block_size = block_size
         self.fault = fault
 
-    def align(self, source: int, layers: list[int]) -> pa.Table:
+    def candidates(self, source: int, layers: list[int]) -> pa.Table:
         """Candidates of source ``source`` for the target layers ``layers`` (one bounded chunk)."""
         t0 = time.perf_counter()
         adapter, topo = open_source(self.spec, source)

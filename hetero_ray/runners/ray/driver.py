@@ -25,15 +25,7 @@ from hetero_ray.errors import ClusterError, HeteroRayError
 from hetero_ray.io.export import export_fused_adapter
 from hetero_ray.progress import progress_sink, train_callback
 from hetero_ray.runners.local import FusionResult, build_report, fusion_card
-from hetero_ray.runners.prepare import (
-    align,
-    input_hashes,
-    net_configs,
-    open_source,
-    open_target,
-    replay_records,
-    resolve_block_size,
-)
+from hetero_ray.runners.prepare import input_hashes, net_configs, open_and_align, replay_records
 from hetero_ray.runners.ray.actors import FamilyActor
 from hetero_ray.runners.ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
 from hetero_ray.runners.ray.faults import fault_spec
@@ -115,7 +107,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
         for i in indices:
             layers = sorted(plan.sources[i].layer_pairs)
             for k in range(0, len(layers), LAYERS_PER_TASK):
-                ref = actors[fam].align.remote(i, layers[k : k + LAYERS_PER_TASK])
+                ref = actors[fam].candidates.remote(i, layers[k : k + LAYERS_PER_TASK])
                 refs.append(ref)
                 chunk = layers[k : k + LAYERS_PER_TASK]
                 what[ref] = (fam, plan.sources[i].source_id, f"{chunk[0]}-{chunk[-1]}")
@@ -202,10 +194,8 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     spec.check_files()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    target, ttopo = open_target(spec)
-    sources = [open_source(spec, i) for i in range(len(spec.sources))]  # headers only: shapes and families
-    plan = align(spec, ttopo, [t for _, t in sources])
-    block = resolve_block_size(spec, plan)
+    opened = open_and_align(spec)  # headers only: shapes and families; the actors read the tensors
+    target, sources, plan, block = opened.target, opened.sources, opened.plan, opened.block
     if spec.control.reads_sources:
         net_configs(spec, plan, block)  # refuses sizes the nets cannot take before any work starts
     tokenizer = load_tokenizer(spec.target.base)
