@@ -103,8 +103,9 @@ def fuse(spec: Path, address: str | None, no_ray: bool, verbose: bool, **kwargs)
         result = {"output": str(output), "report": str(output / "fusion_report.json"), "strategy": loaded.strategy,
                   "steps": len(report.get("history", []))}
         if quiet:
-            click.echo(f"{loaded.strategy}: {output} ({result['steps']} training steps); report "
-                       f"{result['report']}; log {log_path}", file=terminal())
+            how = f"{result['steps']} training steps" if result["steps"] else "closed-form merge"
+            click.echo(f"{loaded.strategy}: {output} ({how}); report {result['report']}; log {log_path}",
+                       file=terminal())
         else:
             emit(result, RESULT_MARKER)
 
@@ -175,16 +176,18 @@ def inspect(adapter: Path, family: str | None, base: Path | None, allow_pickle: 
 @click.option("--verbose", is_flag=True, help="on a terminal, show library and Ray logs instead of the log file")
 def demo(run_dir: Path, quick: bool, seed: int, no_ray: bool, workers: int, zero_stage: int, verbose: bool) -> None:
     """Build tiny models of three families, train an expert per task, fuse, evaluate: offline, one machine."""
-    from hetero_ray.console import quiet_terminal, silence_libraries, wants_quiet
+    from hetero_ray.console import quiet_terminal, silence_libraries, terminal, wants_quiet
     from hetero_ray.contrib.demo import run_demo
 
     quiet = wants_quiet(verbose)
-    with quiet_terminal(run_dir.resolve() / "hetero-ray.log", quiet):
+    log_path = run_dir.resolve() / "hetero-ray.log"
+    with quiet_terminal(log_path, quiet):
         silence_libraries()
+        echo = (lambda text: click.echo(text, file=terminal())) if quiet else click.echo
         run_demo(run_dir, quick=quick, seed=seed, use_ray=not no_ray, workers=workers, zero_stage=zero_stage,
-                 echo=click.echo)
+                 echo=echo)
         if quiet:
-            click.echo(f"(library and Ray logs: {run_dir / 'hetero-ray.log'})")
+            echo(f"(library and Ray logs: {log_path})")
 
 
 @cli.command("eval")

@@ -23,14 +23,16 @@ def terminal() -> TextIO:
 
 
 def wants_quiet(verbose: bool) -> bool:
-    return not verbose and sys.stderr.isatty()
+    """Quiet only for a person: stdout and stderr both on a terminal (a pipe keeps every line)."""
+    return not verbose and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 @contextlib.contextmanager
 def quiet_terminal(log_path: Path, enabled: bool) -> Iterator[Path | None]:
-    """Send file descriptor 2 (and with it every library's warnings, logs and bars, native ones too) to
-    ``log_path`` for the block; bars and results keep the terminal through :func:`terminal`. On an error the
-    terminal is back before the message is printed."""
+    """Send file descriptors 1 and 2 (and with them every library's warnings, logs and bars, native ones too,
+    and the Ray workers' log lines the driver relays) to ``log_path`` for the block; bars and results keep the
+    terminal through :func:`terminal`. On an error the terminal is back, with the log's path, before the
+    message is printed."""
     global _terminal
     if not enabled:
         yield None
@@ -38,24 +40,36 @@ def quiet_terminal(log_path: Path, enabled: bool) -> Iterator[Path | None]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    _terminal = os.fdopen(os.dup(2), "w", buffering=1)
     with open(log_path, "a", buffering=1) as log:
-        os.dup2(log.fileno(), 2)
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        _terminal = os.fdopen(os.dup(2), "w", buffering=1)
+        for fd in saved:
+            os.dup2(log.fileno(), fd)
         previous = os.environ.get(QUIET_ENV)
         os.environ[QUIET_ENV] = "1"
         try:
             yield log_path
+        except BaseException:
+            _restore(saved)
+            print(f"hetero-ray: library and Ray logs of this run: {log_path}", file=sys.stderr, flush=True)
+            raise
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            _restore(saved)
             _terminal.close()
             _terminal = None
             if previous is None:
                 os.environ.pop(QUIET_ENV, None)
             else:
                 os.environ[QUIET_ENV] = previous
+
+
+def _restore(saved: dict[int, int]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, copy in list(saved.items()):
+        os.dup2(copy, fd)
+        os.close(copy)
+        del saved[fd]
 
 
 def quiet_requested() -> bool:

@@ -148,6 +148,11 @@ def memory_per_worker(net_params: int, largest_group: int, zero_stage: int, work
 
 def check(spec: FusionSpec) -> dict:
     """Everything a user needs to know before launching the spec."""
+    from hetero_ray.strategies import get_strategy
+    from hetero_ray.strategies.merges import same_family_inputs
+
+    if get_strategy(spec.strategy).same_family:
+        same_family_inputs(spec)  # what fuse would refuse, refused here too
     target, ttopo, tconfig = open_for_check(spec.target.adapter, spec.target.family, spec.target.base,
                                             spec.allow_pickle, strict=False)
     if tconfig is None:

@@ -131,6 +131,10 @@ class FusionSpec(_Strict):
             control = data.pop("control")
             strategy = data.get("strategy", "heterofusion")
             if control not in (None, "none"):
+                from hetero_ray.controls import Control
+
+                if control not in {c.value for c in Control}:
+                    raise ValueError(f"control: {control!r} is not a control ({', '.join(c.value for c in Control)})")
                 if strategy not in ("heterofusion", control):
                     raise ValueError(f"strategy {strategy!r} with control {control!r}: a control is a variant of "
                                      "heterofusion; set `strategy:` alone")
@@ -146,17 +150,23 @@ class FusionSpec(_Strict):
             raise ValueError(f"unknown strategy {v!r}; known: {', '.join(STRATEGIES)}")
         return v
 
-    @model_validator(mode="after")
-    def _names(self) -> FusionSpec:
+    @field_validator("params", mode="before")
+    @classmethod
+    def _strategy_params(cls, v, info):
+        """The strategy's own model validates them; defaults filled in, so the digest names what runs."""
         from hetero_ray.strategies import validate_params
 
+        strategy = info.data.get("strategy")
+        if strategy is None:
+            return v  # the strategy itself was refused; that error is reported
         try:
-            params = validate_params(self.strategy, self.params)
+            return validate_params(strategy, {} if v is None else v)
         except ValidationError as e:
             problems = "; ".join(f"params.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            raise ValueError(f"for strategy {self.strategy!r}: {problems}") from None
-        if params != self.params:
-            object.__setattr__(self, "params", params)  # defaults filled in: the digest names what runs
+            raise ValueError(f"for strategy {strategy!r}: {problems}") from None
+
+    @model_validator(mode="after")
+    def _names(self) -> FusionSpec:
         ids = [s.id or s.adapter.name for s in self.sources]
         if len(set(ids)) != len(ids):
             raise ValueError(f"sources must have distinct ids (set `id:`), got {ids}")

@@ -55,8 +55,8 @@ SIZES = {
                  expert_batch=8, test_n=100, replay_per_task=150, epochs=3, batch_size=2, grad_accum=8,
                  max_length=384, max_new_tokens=64, seeds=[0, 1, 2]),
 }
-TRAINED = ["heterofusion", "zero_sources", "random_sources", "replay_only"]
-SEEDED = {*TRAINED, "dare"}
+TRAINED = [name for name, s in STRATEGIES.items() if s.kind == "trained"]
+SEEDED = {*TRAINED, "dare"}  # the strategies whose result depends on the seed
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -154,9 +154,7 @@ def main() -> None:
     }
     same_family = [{"adapter": str(p), "id": f"smollm2-{t}"} for p, t in zip(smol_experts, size["source_tasks"],
                                                                               strict=True)]
-    methods = {"target_only": {}, "naive_transfer": {}, "task_arithmetic": {"sources": same_family},
-               "ties": {"sources": same_family}, "dare": {"sources": same_family},
-               **{m: {} for m in TRAINED}}
+    methods = {name: {"sources": same_family} if s.same_family else {} for name, s in STRATEGIES.items()}
     if args.methods is not None:
         methods = {m: v for m, v in methods.items() if m in args.methods}
     adapters: dict[str, dict[int, Path]] = {}

@@ -20,10 +20,11 @@ CHATTER = ("Warning", "WARNING", "Loading weights", "HETERO_RAY_PROGRESS", "Trac
            "(TrainController", "Checkpoint")
 
 
-def on_a_terminal(argv: list[str], timeout_s: float = 400) -> tuple[int, str]:
-    """Run ``argv`` with stdin, stdout and stderr on a pseudo-terminal; returns (exit code, what it showed)."""
+def on_a_terminal(argv: list[str], timeout_s: float = 400, stdout=None) -> tuple[int, str]:
+    """Run ``argv`` with stdin, stdout (unless given) and stderr on a pseudo-terminal; returns (exit code,
+    what the terminal showed)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, close_fds=True)
+    proc = subprocess.Popen(argv, stdin=slave, stdout=stdout or slave, stderr=slave, cwd=ROOT, close_fds=True)
     os.close(slave)
     shown = b""
     while True:
@@ -79,6 +80,16 @@ def test_verbose_and_not_a_terminal_keep_every_line(zoo, tmp_path):
     assert "hetero-ray: train: step 1/1, lm loss" in proc.stderr
 
 
+def test_a_piped_stdout_keeps_the_result_line(zoo, tmp_path):
+    ws = Workspace(tmp_path, zoo)
+    out = tmp_path / "stdout.txt"
+    with out.open("w") as f:
+        code, shown = on_a_terminal([sys.executable, "-m", "hetero_ray", "fuse", _spec(ws), "--no-ray",
+                                     "--strategy", "target_only"], stdout=f)
+    assert code == 0, shown
+    assert "HETERO_RAY_RESULT" in out.read_text()
+
+
 @pytest.mark.slow
 def test_a_terminal_on_ray_shows_no_worker_logs(zoo, tmp_path):
     ws = Workspace(tmp_path, zoo)
@@ -87,3 +98,5 @@ def test_a_terminal_on_ray_shows_no_worker_logs(zoo, tmp_path):
     assert f"heterofusion: {tmp_path / 'fused'}" in shown
     assert not [c for c in CHATTER if c in shown], shown
     assert visible(shown).endswith("hetero-ray.log")
+    log = (tmp_path / "runs" / "quiet" / "hetero-ray.log").read_text()
+    assert "RayTrainWorker" in log or "TrainController" in log  # the workers' lines reached the log

@@ -211,3 +211,34 @@ def test_completed_recognizes_a_finished_output_of_the_same_spec_only(zoo, tmp_p
     assert not completed(spec)
     (out / "fusion_report.json").unlink()
     assert not completed(spec)
+
+
+def test_specs_changed_by_hand_and_merges_given_to_a_runner_get_clear_errors(zoo, tmp_path):
+    from pydantic import ValidationError
+
+    from hetero_ray.runners.local import fuse_local
+    from hetero_ray.strategies import get_strategy
+
+    ties = make_spec(zoo, tmp_path / "t", strategy="ties", **{"params.density": 0.3})
+    copied = ties.model_copy(update={"strategy": "dare"})  # model_copy does not validate: ties params remain
+    with pytest.raises(HeteroRayError, match="params: not valid for strategy 'dare'"):
+        get_strategy("dare").params(copied)
+    with pytest.raises(HeteroRayError, match="closed-form merge, not a trained run"):
+        fuse_local(make_spec(zoo, tmp_path / "m", strategy="target_only"))
+    assert make_spec(zoo, tmp_path / "n", strategy="ties", params=None).params["density"] == 0.2
+    with pytest.raises((ValidationError, HeteroRayError), match="'ties' is not a control"):
+        make_spec(zoo, tmp_path / "c", control="ties")
+
+
+def test_check_refuses_what_fuse_would_refuse(zoo, tmp_path, capsys):
+    import yaml
+
+    from hetero_ray.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"output": "o", "strategy": "ties",
+                                    "target": {"base": str(zoo["llama-base"]), "adapter": str(zoo["llama-lora"])},
+                                    "sources": [{"adapter": str(zoo["qwen2-lora"])}],
+                                    "replay": [{"path": str(zoo["replay"])}]}))
+    assert main(["check", str(spec)]) == 2
+    assert "merges same-family experts" in capsys.readouterr().err

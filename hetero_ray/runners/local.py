@@ -20,6 +20,7 @@ from hetero_ray.runners.prepare import (
     net_configs,
     prepare_groups,
     replay_examples,
+    require_trained,
 )
 from hetero_ray.spec import FusionSpec
 from hetero_ray.train.replay import load_tokenizer
@@ -79,6 +80,7 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
     from hetero_ray.train.target import load_target
     from hetero_ray.train.trainer import FusionObjective, fit
 
+    require_trained(spec)
     timings = {}
     t0 = time.perf_counter()
     prepared = prepare_groups(spec)

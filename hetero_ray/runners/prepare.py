@@ -146,6 +146,13 @@ class Opened:
     block: int
 
 
+def require_trained(spec: FusionSpec) -> None:
+    """The runners train; a merge strategy goes through :func:`hetero_ray.strategies.run_strategy`."""
+    if spec.control is None:
+        raise SpecError(f"strategy {spec.strategy!r} is a closed-form merge, not a trained run: run it with "
+                        "hetero_ray.run / hetero-ray fuse")
+
+
 def open_and_align(spec: FusionSpec) -> Opened:
     target, target_topo = open_target(spec)
     sources = [open_source(spec, i) for i in range(len(spec.sources))]

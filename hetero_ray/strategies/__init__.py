@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from hetero_ray.controls import Control
 from hetero_ray.errors import SpecError
@@ -47,7 +47,11 @@ class Strategy:
         raise NotImplementedError
 
     def params(self, spec: FusionSpec) -> BaseModel:
-        return self.Params.model_validate(spec.params)
+        try:
+            return self.Params.model_validate(spec.params)
+        except ValidationError as e:
+            raise SpecError(f"params: not valid for strategy {self.name!r}: {e.errors()[0]['msg']} at "
+                            f"{'.'.join(map(str, e.errors()[0]['loc']))}") from None
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy", SpecError)

@@ -123,7 +123,7 @@ class Weighted(NoParams):
     weights: list[float] | None = Field(None, description="per input, target first (default: all 1)")
 
     def resolved(self, n_inputs: int) -> list[float]:
-        w = self.weights or [1.0] * n_inputs
+        w = [1.0] * n_inputs if self.weights is None else self.weights
         if len(w) != n_inputs:
             raise HeteroRayError(f"params.weights: {len(w)} weights for the target and {n_inputs - 1} sources "
                                  f"(need {n_inputs})")

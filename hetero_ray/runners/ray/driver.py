@@ -25,7 +25,7 @@ from hetero_ray.errors import ClusterError, HeteroRayError
 from hetero_ray.io.export import export_fused_adapter
 from hetero_ray.progress import progress_sink, train_callback
 from hetero_ray.runners.local import FusionResult, build_report, fusion_card
-from hetero_ray.runners.prepare import input_hashes, net_configs, open_and_align, replay_records
+from hetero_ray.runners.prepare import input_hashes, net_configs, open_and_align, replay_records, require_trained
 from hetero_ray.runners.ray.actors import FamilyActor
 from hetero_ray.runners.ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
 from hetero_ray.runners.ray.faults import fault_spec
@@ -53,10 +53,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Ray's core worker installs a native SIGTERM handler that aborts the process; keep the caller's Python
     # handler (the CLI's turns SIGTERM into a clean exit: no partial output, Ray shut down)
     on_term = signal.getsignal(signal.SIGTERM)
-    # on a terminal the driver shows bars (fed by the progress actor), not the workers' log lines
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING} if quiet_requested() else {}
+    # on a terminal the workers' log lines still reach the driver, whose output goes to the run's log file
+    quiet = {"logging_level": logging.WARNING} if quiet_requested() else {}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, **{"log_to_driver": True, **quiet})
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True, **quiet)
     else:
         ray.init(num_cpus=num_cpus or max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False,
                  _node_ip_address="127.0.0.1", **quiet)
@@ -191,6 +191,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    require_trained(spec)
     spec.check_files()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
