@@ -111,9 +111,8 @@ def run_strategy(spec: FusionSpec, address: str | None = None, use_ray: bool = T
         raise cause from None
 
 
-from hetero_ray.strategies import heterofusion, merges  # noqa: E402,F401  - registers the strategies
-from hetero_ray.strategies.merges import factorize, product  # noqa: E402
+from hetero_ray.strategies import heterofusion  # noqa: E402,F401  - registers the trained strategies
+from hetero_ray.strategies.merges import MergeStrategy, factorize, product  # noqa: E402  - and the merges
 
 __all__ = ["STRATEGIES", "Control", "MergeStrategy", "NoParams", "Strategy", "completed", "describe", "factorize",
            "get_strategy", "product", "register", "run_strategy", "validate_params"]
-from hetero_ray.strategies.merges import MergeStrategy  # noqa: E402
