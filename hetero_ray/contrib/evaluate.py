@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.train.replay import format_prompt
+from hetero_ray.teach.signals import generate  # noqa: F401  - re-exported
 
 KINDS = ("ner", "re", "label")
 
@@ -106,27 +106,26 @@ def score(kind: str, predictions: Sequence[str], golds: Sequence[str]) -> dict[s
     return {"score": s.f1, "f1": s.f1, "precision": s.precision, "recall": s.recall}
 
 
-@torch.no_grad()
-def generate(model, tokenizer, records: Sequence[Mapping], batch_size: int = 16, max_new_tokens: int = 64
-             ) -> list[str]:
-    """Greedy answers for ``records`` (prompts formatted as in training, left-padded batches)."""
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def example_counts(kind: str, predictions: Sequence[str], golds: Sequence[str]) -> list[tuple[int, int, int]]:
+    """Per record (correct, predicted, gold): the parts of the micro F1, for bootstrapping over records.
+    Label tasks count a record as (match, 1, 1)."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
+    if kind == "label":
+        return [(int(_norm(p) == _norm(g)), 1, 1) for p, g in zip(predictions, golds, strict=True)]
+    parse = parse_entities if kind == "ner" else parse_relations
     out = []
-    for i in range(0, len(records), batch_size):
-        prompts = [tokenizer(format_prompt(tokenizer, r), add_special_tokens=False)["input_ids"]
-                   for r in records[i : i + batch_size]]
-        n = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), n), dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[j, n - len(p) :] = torch.tensor(p)
-            mask[j, n - len(p) :] = 1
-        device = next(model.parameters()).device
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, n:], skip_special_tokens=True)
+    for p, g in zip(predictions, golds, strict=True):
+        s = Score()
+        s.add(parse(p), parse(g))
+        out.append((s.correct, s.predicted, s.gold))
     return out
+
+
+def micro_f1(counts: Sequence[Sequence[int]]) -> float:
+    """Micro F1 of per-record (correct, predicted, gold) counts (accuracy for label tasks)."""
+    correct, predicted, gold = (sum(c[i] for c in counts) for i in range(3))
+    return 2 * correct / (predicted + gold) if predicted + gold else 0.0
 
 
 @torch.no_grad()

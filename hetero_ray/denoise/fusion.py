@@ -109,25 +109,56 @@ def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
     )
 
 
-class FusionNet(nn.Module):
-    """One TransferNet per group and a learnable alpha per group (initialised to ``alpha_init``)."""
+EXTRA = "_extra_rank"  # the key of the added-rank factors in a net's outputs (not a group)
 
-    def __init__(self, configs: Mapping[str, TransferNetConfig], alpha_init: float = 0.3):
+
+class ExtraRank(nn.Module):
+    """Rank added beside the target's: per module a new A (k, d_in), PEFT's default init, and B (d_out, k) at
+    zero, trained directly. Parameters sit on this module (ZeRO-3 gathers them in its forward); forward
+    returns copies."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], rank: int):
         super().__init__()
-        self.nets = nn.ModuleDict({name: TransferNet(cfg) for name, cfg in configs.items()})
+        self.paths = sorted(shapes)
+        for i, path in enumerate(self.paths):
+            d_in, d_out = shapes[path]
+            a = torch.empty(rank, d_in)
+            nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # as PEFT initialises lora_A
+            self.register_parameter(f"a_{i}", nn.Parameter(a))
+            self.register_parameter(f"b_{i}", nn.Parameter(torch.zeros(d_out, rank)))
+
+    def forward(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {p: (getattr(self, f"a_{i}").clone(), getattr(self, f"b_{i}").clone()) for i, p in enumerate(self.paths)}
+
+
+class FusionNet(nn.Module):
+    """One transfer network per group (the paper's TransferNet, or GroundedNet) and a learnable alpha per
+    group (initialised to ``alpha_init``); optionally added rank beside the target's."""
+
+    def __init__(self, configs: Mapping[str, TransferNetConfig], alpha_init: float = 0.3, net: str = "paper",
+                 n_sources: int = 1, extra: Mapping[str, tuple[int, int]] | None = None, extra_rank: int = 0):
+        super().__init__()
+        from hetero_ray.denoise.transfer_net import GroundedNet
+
+        make = (lambda cfg: TransferNet(cfg)) if net == "paper" else (lambda cfg: GroundedNet(cfg, n_sources))
+        self.grounded = net != "paper"
+        self.nets = nn.ModuleDict({name: make(cfg) for name, cfg in configs.items()})
         self.alphas = nn.ParameterDict({name: nn.Parameter(torch.full((1,), float(alpha_init))) for name in configs})
+        self.extra = ExtraRank(extra, extra_rank) if extra_rank else None
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
         """Per group: ``db`` = alpha_g * dB (M, d_out, r) and the net's diagnostics (attention, z_target,
-        z_source, gate_open, alpha)."""
+        z_source, gate_open, alpha); under EXTRA the added-rank factors."""
         out = {}
         for name, g in groups.items():
-            res = self.nets[name](*g.net_inputs())
+            res = self.nets[name](*g.net_inputs(), g.src_owner) if self.grounded else self.nets[name](*g.net_inputs())
             alpha = self.alphas[name]
             # scaled here, inside forward, where ZeRO-3 has gathered alpha
             res["db"] = alpha * from_tokens(res.pop("delta")[:, g.n_a_blocks :], g.d_out, g.rank)
             res["alpha"] = alpha.detach().clone()
             out[name] = res
+        if self.extra is not None:
+            out[EXTRA] = self.extra()
         return out
 
 
@@ -139,13 +170,18 @@ class DirectDelta(nn.Module):
     that DeepSpeed ZeRO-3 gathers them when this module's forward is called, and forward returns copies:
     ZeRO-3 releases a gathered parameter's storage when the forward ends."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int, int]]):
+    def __init__(self, shapes: Mapping[str, tuple[int, int, int]], extra: Mapping[str, tuple[int, int]] | None = None,
+                 extra_rank: int = 0):
         super().__init__()
         for name, shape in shapes.items():
             self.register_parameter(f"db_{name}", nn.Parameter(torch.zeros(shape)))
+        self.extra = ExtraRank(extra, extra_rank) if extra_rank else None
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
-        return {name: {"db": getattr(self, f"db_{name}").clone(), "alpha": torch.ones(1)} for name in groups}
+        out = {name: {"db": getattr(self, f"db_{name}").clone(), "alpha": torch.ones(1)} for name in groups}
+        if self.extra is not None:
+            out[EXTRA] = self.extra()
+        return out
 
 
 def group_rdm(
@@ -159,7 +195,7 @@ def group_rdm(
     """Mean over groups of RDM(target encodings) + RDM(source encodings, padding excluded)."""
     terms = []
     for name, res in outputs.items():
-        if "z_target" not in res:
+        if name == EXTRA or "z_target" not in res:
             continue
         z_t = res["z_target"].flatten(0, 1)
         z_s = res["z_source"][groups[name].src_valid]

@@ -151,3 +151,52 @@ class TransferNet(nn.Module):
             "z_source": z_s,
             "gate_open": (gates > 0).float().mean().detach(),
         }
+
+
+class GroundedNet(nn.Module):
+    """A transfer network whose output is built from the source tokens themselves (``method.net: grounded``).
+
+    Attention weights come from the paper's encoder (queries: target tokens, keys: source tokens, with
+    positions), but the values are the raw source tokens, RMS-normalised per token, mixed across the rank by
+    an r x r matrix (identity at start) and bias-free: with every source zero, dB is exactly zero whatever the
+    parameters. Each source has a gate sigmoid(g_s) (0.5 at start) that can close it, and the output is scaled
+    by a per-group scalar c (zero at start), so the first optimizer step moves dB by about alpha * lr.
+    """
+
+    def __init__(self, cfg: TransferNetConfig, n_sources: int):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.encoder = SpectralBlockEncoder(cfg)
+        self.positions = nn.Embedding(cfg.max_positions, d)
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        for m in (self.q, self.k, *[m for m in self.encoder.modules() if isinstance(m, nn.Linear)]):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        self.mix = nn.Parameter(torch.eye(cfg.rank))
+        self.source_gates = nn.Parameter(torch.zeros(n_sources))
+        self.scale = nn.Parameter(torch.zeros(1))
+
+    def _with_positions(self, e: torch.Tensor) -> torch.Tensor:
+        n = e.shape[-2]
+        if n > self.cfg.max_positions:
+            raise ValueError(f"{n} tokens exceed max_positions={self.cfg.max_positions}")
+        return e + self.positions(torch.arange(n, device=e.device))
+
+    def forward(self, tgt_tokens, tgt_sigmas, src_tokens, src_sigmas, src_valid, src_owner) -> dict[str, torch.Tensor]:
+        dtype = self.positions.weight.dtype
+        z_t, _ = self.encoder(tgt_tokens.to(dtype), tgt_sigmas.to(dtype))
+        z_s, _ = self.encoder(src_tokens.to(dtype), src_sigmas.to(dtype))
+        heads = self.cfg.num_heads
+        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+        q, k = split(self.q(self._with_positions(z_t))), split(self.k(self._with_positions(z_s)))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).mean(dim=1)  # (M, T, S)
+        scores = scores.masked_fill(~src_valid[:, None, :], float("-inf"))
+        w = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)  # a module without sources attends to nothing
+        raw = src_tokens.to(dtype)
+        values = raw / raw.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)  # zero tokens stay zero
+        values = (values.unflatten(-1, (self.cfg.block_size, self.cfg.rank)) @ self.mix).flatten(-2)
+        gates = torch.sigmoid(self.source_gates)[src_owner.clamp_min(0)] * src_valid  # (M, S)
+        context = w @ (values * gates[..., None])  # (M, T, D)
+        return {"delta": self.scale * context, "attention": w, "z_target": z_t, "z_source": z_s,
+                "gate_open": torch.sigmoid(self.source_gates).mean().detach()}

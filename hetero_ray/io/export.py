@@ -83,10 +83,44 @@ def write_output(spec, config: Mapping, tensors: Mapping[str, torch.Tensor], rep
     return Path(spec.output)
 
 
+EXTRA_A, EXTRA_B = "extra_A:", "extra_B:"  # keys of the added-rank factors among a trained run's deltas
+
+
+def with_extra_rank(target: LoraAdapter, tensors: dict[str, torch.Tensor], extra: Mapping[str, torch.Tensor]
+                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a rank r + k adapter: A' = [A_t; A_new], B' = [B_t + dB, B_new], with lora_alpha
+    set so that PEFT's scale s (alpha / r, or alpha / sqrt(r) with rsLoRA) is the target's; it loads with
+    ``PeftModel.from_pretrained`` unchanged."""
+    config = dict(target.config)
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise AdapterError(target.path / "adapter_config.json", "added rank needs one r and lora_alpha for every "
+                           "module; this adapter sets per-module patterns", key="rank_pattern")
+    k = None
+    for path, module in target.modules.items():
+        a_new, b_new = extra.get(EXTRA_A + path), extra.get(EXTRA_B + path)
+        if a_new is None:
+            raise AdapterError(target.weights_path, "no added-rank factors for this module", key=path)
+        k = a_new.shape[0]
+        a, b = tensors[module.a_key], tensors[module.b_key]
+        tensors[module.a_key] = torch.cat([a.float(), a_new.float()]).to(a.dtype)
+        tensors[module.b_key] = torch.cat([b.float(), b_new.float()], dim=1).to(b.dtype)
+    r = int(config.get("r", 8))
+    scale = target.scaling
+    config["r"] = r + k
+    config["lora_alpha"] = scale * ((r + k) ** 0.5 if config.get("use_rslora") else (r + k))
+    return config, tensors
+
+
 def export_fused_adapter(spec, target: LoraAdapter, deltas: Mapping[str, torch.Tensor], report: Mapping,
                          card: str) -> Path:
-    """A trained run's output: the target adapter with B_t + delta where a delta is given."""
-    return write_output(spec, target.config, fused_tensors(target, deltas), report, card)
+    """A trained run's output: the target adapter with B_t + delta where a delta is given, and the added rank
+    beside it when the run trained one."""
+    extra = {k: v for k, v in deltas.items() if k.startswith((EXTRA_A, EXTRA_B))}
+    tensors = fused_tensors(target, {k: v for k, v in deltas.items() if k not in extra})
+    config = target.config
+    if extra:
+        config, tensors = with_extra_rank(target, tensors, extra)
+    return write_output(spec, config, tensors, report, card)
 
 
 def write_merged(spec, strategy, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], rank: int,

@@ -18,11 +18,13 @@ from hetero_ray.runners.prepare import (
     build_net,
     input_hashes,
     net_configs,
+    objective_weights,
     prepare_groups,
     replay_examples,
     require_trained,
 )
 from hetero_ray.spec import FusionSpec
+from hetero_ray.teach.signals import signals_summary, teach_records, teacher_examples
 from hetero_ray.train.replay import load_tokenizer
 
 
@@ -74,6 +76,17 @@ def fusion_device(spec: FusionSpec) -> torch.device:
     return torch.device("cpu")
 
 
+def teacher_signals_local(spec: FusionSpec, adapters: list) -> list[dict]:
+    """Every source's teacher signals, in this process (empty when the run's objective needs none)."""
+    from hetero_ray.teach.signals import cache_dir, source_signals
+    from hetero_ray.train.objectives import OBJECTIVES
+
+    if not any(OBJECTIVES.lookup(n).needs_teacher for n in objective_weights(spec)):
+        return []
+    bases: dict = {}  # each family's base model loaded once
+    return [source_signals(spec, i, a, cache_dir(spec), bases) for i, a in enumerate(adapters)]
+
+
 def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) -> FusionResult:
     """The whole fusion in this process, without Ray or DeepSpeed (the reference for the distributed run);
     on a GPU when ``cluster.use_gpu`` is set."""
@@ -93,10 +106,17 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
     model = load_target(spec.target.base, target).to(device)
     tokenizer = load_tokenizer(spec.target.base)
     examples = replay_examples(spec, tokenizer)
-    net = build_net(spec, plan, block, groups).to(device)
-    objective = FusionObjective(model, groups, spec.method, examples, tokenizer.pad_token_id,
-                                torch.Generator().manual_seed(spec.seed))
     timings["setup_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    signals = teacher_signals_local(spec, [a for a, _ in sources])
+    teacher = teacher_examples(spec, signals, teach_records(spec), tokenizer) if signals else []
+    timings["teach_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    net = build_net(spec, plan, block, groups, target).to(device)
+    objective = FusionObjective(model, groups, spec.method, examples, tokenizer.pad_token_id,
+                                torch.Generator().manual_seed(spec.seed), objective_weights(spec), teacher,
+                                extra_modules=list(target.modules) if spec.method.extra_rank else ())
+    timings["setup_s"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     history = fit(net, objective, spec.training, spec.seed, on_step)
     timings["train_s"] = time.perf_counter() - t0
@@ -104,6 +124,8 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
     cfgs = net_configs(spec, plan, block) if spec.control.reads_sources else {}
     report = build_report(spec, plan, input_hashes(spec, target, [a for a, _ in sources]), history, outputs,
                           groups, cfgs, timings)
+    report["objective"] = objective_weights(spec)
+    report["teacher"] = signals_summary(signals)
     out = export_fused_adapter(spec, target, deltas, report, fusion_card(spec, plan, history))
     objective.patch.remove()
     return FusionResult(out, history, plan, deltas, report)

@@ -100,13 +100,28 @@ def net_configs(spec: FusionSpec, plan: AlignmentPlan, block_size: int) -> dict[
     }
 
 
-def build_net(spec: FusionSpec, plan: AlignmentPlan, block_size: int, groups: dict[str, GroupInputs]
-              ) -> torch.nn.Module:
-    """The trained module, initialised from ``spec.seed``: FusionNet, or DirectDelta for replay_only."""
+def build_net(spec: FusionSpec, plan: AlignmentPlan, block_size: int, groups: dict[str, GroupInputs],
+              target: LoraAdapter) -> torch.nn.Module:
+    """The trained module, initialised from ``spec.seed``: FusionNet, or DirectDelta for the direct controls;
+    with ``method.extra_rank`` new A and B rows beside every target adapter module."""
     torch.manual_seed(spec.seed)
+    k = spec.method.extra_rank
+    extra = {p: (m.d_in, m.d_out) for p, m in target.modules.items()} if k else None
     if not spec.control.reads_sources:
-        return DirectDelta({n: (len(g.modules), g.d_out, g.rank) for n, g in groups.items()})
-    return FusionNet(net_configs(spec, plan, block_size), spec.method.alpha_init)
+        return DirectDelta({n: (len(g.modules), g.d_out, g.rank) for n, g in groups.items()}, extra, k)
+    return FusionNet(net_configs(spec, plan, block_size), spec.method.alpha_init, spec.method.net,
+                     len(spec.sources), extra, k)
+
+
+def objective_weights(spec: FusionSpec) -> dict[str, float]:
+    """The objective's active terms for this run: ``replay_only`` keeps the ones that need no teacher (the
+    paper's replay loss when none is left)."""
+    from hetero_ray.train.objectives import OBJECTIVES, active
+
+    weights = active(spec.objective)
+    if not spec.control.uses_teacher:
+        weights = {n: w for n, w in weights.items() if not OBJECTIVES.lookup(n).needs_teacher} or {"paper": 1.0}
+    return weights
 
 
 def candidates_of(spec: FusionSpec, plan: AlignmentPlan, index: int, adapter: LoraAdapter, topo: Topology,
@@ -151,6 +166,10 @@ def require_trained(spec: FusionSpec) -> None:
     if spec.control is None:
         raise SpecError(f"strategy {spec.strategy!r} is a closed-form merge, not a trained run: run it with "
                         "hetero_ray.run / hetero-ray fuse")
+    if spec.strategy == "distill_only" and not any(
+            w > 0 and n in ("distill", "excess") for n, w in spec.objective.items()):
+        raise SpecError("strategy distill_only trains on the source experts' answers: give the objective a "
+                        "distill or excess term (and a teach: section)")
 
 
 def open_and_align(spec: FusionSpec) -> Opened:

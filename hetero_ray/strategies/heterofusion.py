@@ -38,6 +38,11 @@ for _name, _control, _desc in [
     ("heterofusion", Control.NONE, "transfer networks over aligned source updates, conflict-aware (the method)"),
     ("zero_sources", Control.ZERO_SOURCES, "control: HeteroFusion with every source token zeroed"),
     ("random_sources", Control.RANDOM_SOURCES, "control: HeteroFusion with Gaussian sources of equal norm"),
-    ("replay_only", Control.REPLAY_ONLY, "control: the target's B fine-tuned on the same replay and steps"),
+    ("spectrum_sources", Control.SPECTRUM_SOURCES,
+     "control: each source module's singular values with random singular vectors (tokens and teacher)"),
+    ("shuffled_layers", Control.SHUFFLED_LAYERS, "control: each source's layers permuted (tokens and teacher)"),
+    ("replay_only", Control.REPLAY_ONLY, "control: the target's LoRA fine-tuned on the replay terms, same steps"),
+    ("distill_only", Control.DISTILL_ONLY, "baseline: the target's LoRA trained on the same objective (teacher "
+     "included), no transfer networks"),
 ]:
     register(HeteroFusion(_name, _control, _desc))

@@ -4,7 +4,6 @@ convertible to and from Arrow so that they can stream through Ray Data."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -13,7 +12,7 @@ import pyarrow as pa
 import torch
 
 from hetero_ray.align import AlignmentPlan
-from hetero_ray.controls import Control
+from hetero_ray.controls import Control, control_factors
 from hetero_ray.families import Slot, Topology
 from hetero_ray.io.adapters import LoraAdapter
 from hetero_ray.tokens.blocks import harmonize_rank, module_tokens
@@ -39,25 +38,15 @@ class Candidate:
         return (self.group, self.target_layer, self.source)
 
 
-def stable_seed(*parts: object) -> int:
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def slot_tensors(adapter: LoraAdapter, slot: Slot) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B rows of the slot's role) in PEFT shapes."""
-    a, b = adapter.module_tensors(slot.module.path)
+def slot_tensors(adapter: LoraAdapter, slot: Slot, factors: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B rows of the slot's role) in PEFT shapes, of the adapter or of the given module ``factors``."""
+    a, b = factors if factors is not None else adapter.module_tensors(slot.module.path)
     if not slot.fused:
         return a, b
     if isinstance(slot.rows, range):
         return a, b[slot.rows.start : slot.rows.stop]
     return a, b[torch.as_tensor(slot.rows)]
-
-
-def _equal_norm_random(t: torch.Tensor, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(t.shape, generator=g, dtype=torch.float32)
-    return r * (t.float().norm() / r.norm().clamp_min(1e-30))
 
 
 def source_candidates(
@@ -73,8 +62,9 @@ def source_candidates(
 
     The tokens carry the source's update as PEFT applies it, s·B·A: B is multiplied by the module's scale s
     (``lora_alpha / r``, rsLoRA and per-module patterns honoured), so a source's ``lora_alpha`` matters.
-    ``control`` replaces what the source contributes: ``zero_sources`` gives all-zero tokens (no tensor is
-    read), ``random_sources`` a Gaussian adapter with the same Frobenius norm per module (A and s·B each).
+    ``control`` replaces what the source contributes (:func:`hetero_ray.controls.control_factors`):
+    ``zero_sources`` gives all-zero tokens (no tensor is read), ``random_sources`` a Gaussian adapter with the
+    same Frobenius norm per module (A and B each), and so on; the teacher gets the same replacement.
     """
     if not control.reads_sources:
         raise ValueError(f"control {control.value!r} has no source candidates")
@@ -85,11 +75,9 @@ def source_candidates(
             if control is Control.ZERO_SOURCES:
                 a, b = torch.zeros(feed.rank, feed.d_in), torch.zeros(feed.d_out, feed.rank)
             else:
-                a, b = slot_tensors(adapter, slot)
+                a, b = slot_tensors(adapter, slot, control_factors(adapter, slot.module.path, control, seed,
+                                                                   source_id))
                 b = b.float() * adapter.module_scaling(slot.module.path)
-                if control is Control.RANDOM_SOURCES:
-                    a = _equal_norm_random(a, stable_seed(seed, source_id, slot.module.path, slot.role, "A"))
-                    b = _equal_norm_random(b, stable_seed(seed, source_id, slot.module.path, slot.role, "B"))
             a, b = harmonize_rank(a, b, entry.rank)
             tokens, sigmas, n_a = module_tokens(a, b, block_size)
             yield Candidate(entry.group, entry.module, entry.layer, entry.role, source, source_id, feed.family,

@@ -19,9 +19,12 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # teacher examples: (start, end, source excess) over answer-token indices (the ``excess`` objective term)
+    chunks: list[tuple[int, int, float]] | None = None
 
 
-def load_records(path: str | Path, take: int | float | str = "all", seed: int = 0, field: str = "data") -> list[dict]:
+def load_records(path: str | Path, take: int | float | str = "all", seed: int = 0, field: str = "data",
+                 need_output: bool = True) -> list[dict]:
     """Records from a JSON list or JSONL file (UTF-8). ``take``: a count, a fraction in (0, 1], or "all"; a
     subset is the first n records of a seeded shuffle. Raises DataError naming ``field``, the file and the
     record for a missing, unreadable, empty or malformed file, or a count larger than the file holds."""
@@ -44,8 +47,9 @@ def load_records(path: str | Path, take: int | float | str = "all", seed: int = 
     if not records:
         raise DataError(f"{where}: no records (an empty file trains nothing)")
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or "output" not in r:
-            raise DataError(f"{where}: record {i} needs a string `instruction` and an `output` field")
+        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or (need_output and "output" not in r):
+            raise DataError(f"{where}: record {i} needs a string `instruction`" +
+                            (" and an `output` field" if need_output else ""))
         if r.get("input") is not None and not isinstance(r["input"], str):
             raise DataError(f"{where}: record {i}: `input` must be a string, got {type(r['input']).__name__}")
     if take == "all":
@@ -97,7 +101,10 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any(e.chunks is not None for e in examples):
+        batch["chunks"] = [e.chunks or [] for e in examples]
+    return batch
 
 
 def load_tokenizer(base: Path):

@@ -9,6 +9,7 @@ partitioned by DeepSpeed ZeRO-3.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,32 +56,62 @@ def load_target(base: str | Path, adapter: LoraAdapter, dtype: torch.dtype = tor
 
 
 class LoraDeltaPatch:
-    """Adds F.linear(A_t x, delta) to the output of selected ``lora_B`` modules; ``set`` swaps the deltas."""
+    """Adds F.linear(A_t x, delta) to the output of selected ``lora_B`` modules, and with added rank
+    F.linear(F.linear(x, A_new), B_new) (x: the input of ``lora_A``), both scaled by PEFT's s like B_t.
+    ``set`` swaps the deltas; ``off()`` runs the target as it was (base + target adapter)."""
 
     def __init__(self, peft_model, module_paths: list[str], adapter_name: str = "default"):
         inner = peft_model.base_model.model
         self._deltas: dict[str, torch.Tensor] = {}
+        self._extra: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._off = False
         self._handles = []
         for path in module_paths:
             layer = inner.get_submodule(path)
             if not hasattr(layer, "lora_B") or adapter_name not in layer.lora_B:
                 raise HeteroRayError(f"module {path} has no LoRA adapter {adapter_name!r} in the target model")
+            self._handles.append(layer.lora_A[adapter_name].register_forward_hook(self._keep_input(path)))
             self._handles.append(layer.lora_B[adapter_name].register_forward_hook(self._hook(path)))
 
-    def _hook(self, path: str):
+    def _keep_input(self, path: str):
         def hook(module, args, output):
-            delta = self._deltas.get(path)
-            if delta is None:
-                return output
-            return output + F.linear(args[0], delta.to(args[0].dtype))
+            if path in self._extra and not self._off:
+                self._inputs[path] = args[0]
 
         return hook
 
-    def set(self, deltas: Mapping[str, torch.Tensor]) -> None:
+    def _hook(self, path: str):
+        def hook(module, args, output):
+            if self._off:
+                return output
+            delta = self._deltas.get(path)
+            if delta is not None:
+                output = output + F.linear(args[0], delta.to(args[0].dtype))
+            if path in self._extra:
+                a, b = self._extra[path]
+                x = self._inputs.pop(path)
+                output = output + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+            return output
+
+        return hook
+
+    def set(self, deltas: Mapping[str, torch.Tensor],
+            extra: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self._deltas = dict(deltas)
+        self._extra = dict(extra or {})
 
     def clear(self) -> None:
-        self._deltas = {}
+        self._deltas, self._extra, self._inputs = {}, {}, {}
+
+    @contextmanager
+    def off(self):
+        """The target without the fused update (the reference of the ``retain`` and ``excess`` terms)."""
+        self._off = True
+        try:
+            yield
+        finally:
+            self._off = False
 
     def remove(self) -> None:
         for h in self._handles:

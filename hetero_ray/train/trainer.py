@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetero_ray.denoise.fusion import GroupInputs, group_rdm, module_deltas
+from hetero_ray.denoise.fusion import EXTRA, GroupInputs, group_rdm, module_deltas
+from hetero_ray.io.export import EXTRA_A, EXTRA_B
 from hetero_ray.spec import MethodSpec, TrainingSpec
+from hetero_ray.train.objectives import active, micro_loss
 from hetero_ray.train.replay import IGNORE, Example, collate
 from hetero_ray.train.target import LoraDeltaPatch
 
@@ -56,48 +59,95 @@ def plan_windows(
     return [w[rank::world] for w in windows]
 
 
+@dataclass
+class Step:
+    """One optimizer step's micro-batches: replay example indices and teacher example indices."""
+
+    replay: list[list[int]]
+    teacher: list[list[int]]
+
+
+def plan_steps(n_replay: int, n_teacher: int, training: TrainingSpec, seed: int, rank: int = 0, world: int = 1
+               ) -> list[Step]:
+    """Windows over the replay and over the teacher examples (either may be absent: 0 examples), each planned
+    by :func:`plan_windows`; the run takes as many steps as the longer plan, cycling the shorter one."""
+    replay = plan_windows(n_replay, training, seed, rank, world) if n_replay else []
+    teacher = plan_windows(n_teacher, training, seed + 7919, rank, world) if n_teacher else []
+    n = max(len(replay), len(teacher))
+    if training.max_steps:
+        n = min(n, training.max_steps)
+    return [Step(replay[i % len(replay)] if replay else [], teacher[i % len(teacher)] if teacher else [])
+            for i in range(n)]
+
+
 class FusionObjective:
-    """LM loss of the patched target on replay micro-batches + lambda * RDM, one window at a time."""
+    """The objective's weighted terms (:mod:`hetero_ray.train.objectives`) of the patched target on replay and
+    teacher micro-batches, + paper weight * lambda * RDM, one window at a time."""
 
     def __init__(self, model, groups: Mapping[str, GroupInputs], method: MethodSpec,
-                 examples: Sequence[Example], pad_id: int, generator: torch.Generator):
+                 examples: Sequence[Example], pad_id: int, generator: torch.Generator,
+                 weights: Mapping[str, float] | None = None, teacher: Sequence[Example] = (),
+                 extra_modules: Sequence[str] = ()):
         self.model = model
         self.groups = dict(groups)
         self.method = method
         self.examples = examples
+        self.teacher = list(teacher)
         self.pad_id = pad_id
         self.generator = generator
-        modules = sorted({p for g in self.groups.values() for p in g.modules})
+        self.weights = dict(weights or {"paper": 1.0})
+        self.replay_terms = active(self.weights, "replay")
+        self.teacher_terms = active(self.weights, "teacher")
+        modules = sorted({p for g in self.groups.values() for p in g.modules} | set(extra_modules))
         self.patch = LoraDeltaPatch(model, modules)
 
-    def window(self, net: nn.Module, micro_batches: Sequence[Sequence[int]],
+    def steps(self, training: TrainingSpec, seed: int, rank: int = 0, world: int = 1) -> list[Step]:
+        return plan_steps(len(self.examples) if self.replay_terms else 0,
+                          len(self.teacher) if self.teacher_terms else 0, training, seed, rank, world)
+
+    def window(self, net: nn.Module, step: Step | Sequence[Sequence[int]],
                world_micro: int | None = None) -> tuple[torch.Tensor, dict]:
-        """Forward the net once, accumulate LM gradients over the micro-batches, return the surrogate loss
-        to back-propagate into ``net`` and this window's metrics. ``world_micro``: micro-batches in the
-        window across all workers (LM losses are averaged over it)."""
+        """Forward the net once, accumulate the terms' gradients over the micro-batches, return the surrogate
+        loss to back-propagate into ``net`` and this window's metrics. ``world_micro``: micro-batches of each
+        kind in the window across all workers (each kind's losses are averaged over it)."""
+        if not isinstance(step, Step):
+            step = Step(list(step), [])
         t0 = time.perf_counter()
         outputs = net(self.groups)
+        extra = outputs.pop(EXTRA, {})
         deltas = module_deltas(outputs, self.groups)
         leaves = {p: d.detach().requires_grad_(True) for p, d in deltas.items()}
+        extra_leaves = {p: (a.detach().requires_grad_(True), b.detach().requires_grad_(True))
+                        for p, (a, b) in extra.items()}
         t_net = time.perf_counter() - t0
-        self.patch.set(leaves)
-        denom = world_micro or max(len(micro_batches), 1)
-        lm_sum = 0.0
-        for idx in micro_batches:
-            loss = lm_loss(self.model, collate([self.examples[i] for i in idx], self.pad_id))
-            (loss / denom).backward()
-            lm_sum += loss.item()
+        self.patch.set(leaves, extra_leaves)
+        sums: dict[str, float] = {}
+        for micro, data, terms in ((step.replay, self.examples, self.replay_terms),
+                                   (step.teacher, self.teacher, self.teacher_terms)):
+            denom = world_micro or max(len(micro), 1)
+            for idx in micro:
+                loss, values = micro_loss(self.model, collate([data[i] for i in idx], self.pad_id), terms,
+                                          self.patch.off)
+                (loss / denom).backward()
+                for n, v in values.items():
+                    sums[n] = sums.get(n, 0.0) + v / max(len(micro), 1)
         self.patch.clear()
         t1 = time.perf_counter()
+        lam = self.method.lambda_reg * self.weights.get("paper", 0.0)
         reg = group_rdm(outputs, self.groups, self.generator, self.method.mu_target, self.method.sigma_target,
-                        self.method.num_projections) if self.method.lambda_reg > 0 else torch.zeros(())
-        surrogate = self.method.lambda_reg * reg
+                        self.method.num_projections) if lam > 0 else torch.zeros(())
+        surrogate = lam * reg
         for p, d in deltas.items():
             if leaves[p].grad is not None:
                 surrogate = surrogate + (d * leaves[p].grad).sum()
+        for p, (a, b) in extra.items():
+            la, lb = extra_leaves[p]
+            if la.grad is not None:
+                surrogate = surrogate + (a * la.grad).sum() + (b * lb.grad).sum()
         t_net += time.perf_counter() - t1
         metrics = {
-            "lm_loss": lm_sum / max(len(micro_batches), 1),
+            "lm_loss": sums.get("paper", sums.get("distill", 0.0)),
+            "terms": sums,
             "rdm": float(reg.detach()),
             "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
             "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
@@ -108,8 +158,15 @@ class FusionObjective:
 
     @torch.no_grad()
     def final_deltas(self, net: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+        """The trained B updates per module (added-rank factors under ``EXTRA_A:``/``EXTRA_B:`` + module path),
+        and the net's outputs (without the added rank)."""
         outputs = net(self.groups)
-        return {p: d.detach().float().cpu() for p, d in module_deltas(outputs, self.groups).items()}, outputs
+        extra = outputs.pop(EXTRA, {})
+        deltas = {p: d.detach().float().cpu() for p, d in module_deltas(outputs, self.groups).items()}
+        for p, (a, b) in extra.items():
+            deltas[f"{EXTRA_A}{p}"] = a.detach().float().cpu()
+            deltas[f"{EXTRA_B}{p}"] = b.detach().float().cpu()
+        return deltas, outputs
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -127,7 +184,7 @@ def fit(
     on_step: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train ``net`` in this process (torch AdamW, cosine schedule with warm-up); returns per-step metrics."""
-    windows = plan_windows(len(objective.examples), training, seed)
+    windows = objective.steps(training, seed)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
     scheduler = cosine_schedule(optimizer, len(windows), training.warmup_ratio)

@@ -26,6 +26,17 @@ class FamilyActor:
         self.plan = AlignmentPlan.from_dict(plan)
         self.block_size = block_size
         self.fault = fault
+        self.base_models: dict = {}  # the family's base model(s), loaded once for every source's teacher
+
+    def teach(self, source: int) -> dict:
+        """Teacher signals of source ``source`` (its expert's answers and per-chunk excess on the teach:
+        prompts), from the cache when there."""
+        from hetero_ray.teach.signals import cache_dir, source_signals
+
+        adapter, topo = open_source(self.spec, source)
+        if topo.family.name != self.family:
+            raise ValueError(f"source {source} is {topo.family.name}, this actor serves {self.family}")
+        return source_signals(self.spec, source, adapter, cache_dir(self.spec), self.base_models)
 
     def candidates(self, source: int, layers: list[int]) -> pa.Table:
         """Candidates of source ``source`` for the target layers ``layers`` (one bounded chunk)."""

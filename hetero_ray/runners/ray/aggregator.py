@@ -62,6 +62,18 @@ def _read_replay():
     return [Example(list(r["input_ids"]), list(r["labels"])) for r in rows]
 
 
+def _read_teacher():
+    import ray.train
+
+    from hetero_ray.train.replay import Example
+
+    shard = ray.train.get_dataset_shard("teacher")
+    rows = [r for b in shard.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
+    rows.sort(key=lambda r: r["index"])
+    return [Example(list(r["input_ids"]), list(r["labels"]), [tuple(c) for c in json.loads(r["chunks"])])
+            for r in rows if r["index"] >= 0]
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry point; ``config`` holds the resolved spec, the alignment plan and the block size."""
     from hetero_ray.spec import FusionSpec
@@ -77,10 +89,10 @@ def train_loop(config: dict) -> None:
 
     from hetero_ray.align import AlignmentPlan
     from hetero_ray.denoise.fusion import assemble_groups, attention_mass
-    from hetero_ray.runners.prepare import build_net, open_target
+    from hetero_ray.runners.prepare import build_net, objective_weights, open_target
     from hetero_ray.runners.ray.faults import maybe_fail
     from hetero_ray.train.target import load_target
-    from hetero_ray.train.trainer import FusionObjective, cosine_schedule, plan_windows
+    from hetero_ray.train.trainer import FusionObjective, cosine_schedule
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -93,8 +105,14 @@ def train_loop(config: dict) -> None:
     groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block).items()}
     examples = _read_replay()
     model = load_target(spec.target.base, target).to(device)
-    net = build_net(spec, plan, block, groups)
-    windows = plan_windows(len(examples), spec.training, spec.seed, rank, world)
+    teacher = _read_teacher()
+    net = build_net(spec, plan, block, groups, target)
+    # the same RDM draws on every rank: averaged over ranks they equal the single-worker estimate
+    generator = torch.Generator().manual_seed(spec.seed)
+    objective = FusionObjective(model, groups, spec.method, examples, config["pad_id"], generator,
+                                objective_weights(spec), teacher,
+                                extra_modules=list(target.modules) if spec.method.extra_rank else ())
+    windows = objective.steps(spec.training, spec.seed, rank, world)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.training.lr, weight_decay=spec.training.weight_decay)
     scheduler = cosine_schedule(optimizer, len(windows), spec.training.warmup_ratio)
@@ -102,9 +120,6 @@ def train_loop(config: dict) -> None:
                                       config=deepspeed_config(spec.cluster.zero_stage, spec.cluster.dtype,
                                                               spec.training.max_grad_norm),
                                       dist_init_required=False)
-    # the same RDM draws on every rank: averaged over ranks they equal the single-worker estimate
-    generator = torch.Generator().manual_seed(spec.seed)
-    objective = FusionObjective(model, groups, spec.method, examples, config["pad_id"], generator)
     setup_s = time.perf_counter() - t0
 
     start, history = 0, []

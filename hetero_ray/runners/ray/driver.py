@@ -25,12 +25,21 @@ from hetero_ray.errors import ClusterError, HeteroRayError
 from hetero_ray.io.export import export_fused_adapter
 from hetero_ray.progress import progress_sink, train_callback
 from hetero_ray.runners.local import FusionResult, build_report, fusion_card
-from hetero_ray.runners.prepare import input_hashes, net_configs, open_and_align, replay_records, require_trained
+from hetero_ray.runners.prepare import (
+    input_hashes,
+    net_configs,
+    objective_weights,
+    open_and_align,
+    replay_records,
+    require_trained,
+)
 from hetero_ray.runners.ray.actors import FamilyActor
 from hetero_ray.runners.ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
 from hetero_ray.runners.ray.faults import fault_spec
 from hetero_ray.spec import FusionSpec
+from hetero_ray.teach.signals import signals_summary
 from hetero_ray.tokens.candidates import CANDIDATE_SCHEMA
+from hetero_ray.train.objectives import OBJECTIVES
 from hetero_ray.train.replay import load_tokenizer, tokenize
 
 LAYERS_PER_TASK = 8
@@ -89,22 +98,34 @@ def empty_candidates():
     return ray.data.from_arrow(CANDIDATE_SCHEMA.empty_table())
 
 
-def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None):
-    """One FamilyActor per family present; every (source, chunk of target layers) is one actor task.
-    Returns the candidate Dataset, materialized once in the object store."""
+def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None,
+                  candidates: bool = True, teach: bool = False):
+    """One FamilyActor per family present; every (source, chunk of target layers) is one actor task, and with
+    ``teach`` every source's teacher signals one more (the family's base model is loaded once per actor).
+    Returns the candidate Dataset, materialized once in the object store (None without ``candidates``), and
+    the teacher signals in source order."""
     import ray
 
     families: dict[str, list[int]] = {}
     for s in plan.sources:
         families.setdefault(s.family, []).append(s.index)
+    gpus = {}
+    if teach and spec.cluster.use_gpu:  # teachers run their models on a GPU share
+        gpus = {"num_gpus": min(1.0, ray.cluster_resources().get("GPU", 0) / max(1, len(families)))}
     actors = {
-        fam: FamilyActor.options(num_cpus=0.5).remote(spec.model_dump(mode="json"), fam, plan.to_dict(), block,
-                                                      fault_spec())
+        fam: FamilyActor.options(num_cpus=0.5, **gpus).remote(spec.model_dump(mode="json"), fam, plan.to_dict(),
+                                                              block, fault_spec())
         for fam in families
     }
-    refs, what = [], {}
+    refs, what, teach_refs = [], {}, {}
     for fam, indices in families.items():
         for i in indices:
+            if teach:
+                ref = actors[fam].teach.remote(i)
+                teach_refs[i] = ref
+                what[ref] = (fam, plan.sources[i].source_id, "teacher")
+            if not candidates:
+                continue
             layers = sorted(plan.sources[i].layer_pairs)
             for k in range(0, len(layers), LAYERS_PER_TASK):
                 ref = actors[fam].candidates.remote(i, layers[k : k + LAYERS_PER_TASK])
@@ -112,7 +133,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
                 chunk = layers[k : k + LAYERS_PER_TASK]
                 what[ref] = (fam, plan.sources[i].source_id, f"{chunk[0]}-{chunk[-1]}")
     per_family = {fam: sum(1 for f, _, _ in what.values() if f == fam) for fam in families}
-    pending, done = list(refs), 0
+    pending, done = list(what), 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)  # wakes for SIGTERM / Ctrl-C
         if not ready:
@@ -121,13 +142,28 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
         done += 1
         if on_progress:
             fam, source_id, layers = what[ready[0]]
-            on_progress({"stage": "align", "done": done, "total": len(refs), "family": fam,
+            on_progress({"stage": "align", "done": done, "total": len(what), "family": fam,
                          "family_total": per_family[fam], "source_id": source_id, "layers": layers})
-    ds = ray.data.from_arrow_refs(refs) if refs else empty_candidates()
-    ds = ds.materialize()
+    ds = None
+    if candidates:
+        ds = ray.data.from_arrow_refs(refs) if refs else empty_candidates()
+        ds = ds.materialize()
+    signals = [ray.get(teach_refs[i]) for i in sorted(teach_refs)]
     for actor in actors.values():
         ray.kill(actor)
-    return ds
+    return ds, signals
+
+
+def teacher_dataset(spec: FusionSpec, signals: list[dict], tokenizer):
+    """The teacher examples (each source's answers, target-tokenized, with their chunk excess) as a Dataset."""
+    import ray
+
+    from hetero_ray.teach.signals import teach_records, teacher_examples
+
+    examples = teacher_examples(spec, signals, teach_records(spec), tokenizer)
+    rows = [{"index": i, "input_ids": e.input_ids, "labels": e.labels, "chunks": json.dumps(e.chunks)}
+            for i, e in enumerate(examples)]
+    return ray.data.from_items(rows or [{"index": -1, "input_ids": [], "labels": [], "chunks": "null"}]).materialize()
 
 
 def replay_dataset(spec: FusionSpec, tokenizer):
@@ -213,10 +249,15 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     check_resources(spec)
 
     t0 = time.perf_counter()
-    # replay_only reads no source tensor: the workers get an empty candidate stream
-    candidates = align_sources(spec, plan, block, on_progress) if spec.control.reads_sources else empty_candidates()
+    # the direct controls read no source tensor: the workers get an empty candidate stream
+    teach = any(OBJECTIVES.lookup(n).needs_teacher for n in objective_weights(spec))
+    candidates, signals = None, []
+    if spec.control.reads_sources or teach:
+        candidates, signals = align_sources(spec, plan, block, on_progress, spec.control.reads_sources, teach)
+    candidates = candidates if candidates is not None else empty_candidates()
     timings["align_s"] = time.perf_counter() - t0
     replay = replay_dataset(spec, tokenizer)
+    teacher = teacher_dataset(spec, signals, tokenizer)
 
     t0 = time.perf_counter()
     sink = progress_sink() if on_progress else None
@@ -230,14 +271,14 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
         run_config=ray.train.RunConfig(name=name, storage_path=spec.cluster.storage if "://" in spec.cluster.storage
                                        else root, failure_config=ray.train.FailureConfig(max_failures=3),
                                        callbacks=[train_callback(sink)]),
-        datasets={"candidates": candidates, "replay": replay},
+        datasets={"candidates": candidates, "replay": replay, "teacher": teacher},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = _fit_with_progress(trainer, sink, on_progress)
     timings["train_s"] = time.perf_counter() - t0
     if result.checkpoint is None:
         raise HeteroRayError(f"run {name}: training finished without a final checkpoint")
-    return _write(spec, plan, block, target, sources, result.checkpoint, timings)
+    return _write(spec, plan, block, target, sources, result.checkpoint, timings, signals)
 
 
 def _fit_with_progress(trainer, sink, on_progress):
@@ -270,7 +311,7 @@ def _fit_with_progress(trainer, sink, on_progress):
     return outcome["result"]
 
 
-def _write(spec, plan, block, target, sources, checkpoint, timings) -> FusionResult:
+def _write(spec, plan, block, target, sources, checkpoint, timings, signals=None) -> FusionResult:
     from safetensors.torch import load_file
 
     with checkpoint.as_directory() as d:
@@ -287,6 +328,8 @@ def _write(spec, plan, block, target, sources, checkpoint, timings) -> FusionRes
     report = build_report(spec, plan, input_hashes(spec, target, [a for a, _ in sources]),
                           final["history"], outputs, {}, cfgs, timings)
     report["attention_mass"] = final["attention_mass"]
+    report["objective"] = objective_weights(spec)
+    report["teacher"] = signals_summary(signals) if signals is not None else final.get("teacher")
     report["zero"] = {"stage": spec.cluster.zero_stage, "workers": spec.cluster.workers, "partitions": partitions,
                       "transfer_net_params": sum(c.num_parameters() for c in cfgs.values())}
     out = export_fused_adapter(spec, target, deltas, report, fusion_card(spec, plan, final["history"]))

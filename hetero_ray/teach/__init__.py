@@ -1,0 +1,1 @@
+"""Teacher signals: what each source expert does on a set of prompts, aligned to the target's tokenizer."""

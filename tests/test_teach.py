@@ -1,0 +1,183 @@
+"""Teacher signals, objective terms, the grounded transfer net, added rank and the controls that replace a
+source everywhere (tiny zoo, in-process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hetero_ray.controls import Control, control_factors, layer_permutation, spectrum_matched
+from hetero_ray.denoise.transfer_net import GroundedNet, TransferNetConfig
+from hetero_ray.errors import SpecError
+from hetero_ray.io.adapters import read_adapter
+from hetero_ray.runners.local import fuse_local
+from hetero_ray.teach.signals import cache_dir, source_signals
+from hetero_ray.train.target import LoraDeltaPatch, load_target
+from tests.helpers import make_spec
+
+OBJ = {"paper": 1.0, "distill": 1.0, "excess": 0.5, "retain": 0.5}
+
+
+def teach_spec(zoo, out, **kw):
+    kw.setdefault("teach", {"prompts": [{"path": str(zoo["replay"]), "take": 4}], "max_new_tokens": 6})
+    kw.setdefault("objective", OBJ)
+    kw.setdefault("cluster", {"workers": 1, "zero_stage": 0, "storage": str(out.parent / "runs")})
+    kw.setdefault("training", {"epochs": 1, "lr": 3e-3, "grad_accum": 1, "batch_size": 2, "max_length": 64})
+    return make_spec(zoo, out, **kw)
+
+
+def test_grounded_net_gives_exactly_zero_update_for_zero_sources_and_steps_of_about_lr():
+    torch.manual_seed(0)
+    cfg = TransferNetConfig(block_size=8, rank=4, embed_dim=32, num_heads=4, max_positions=64)
+    net = GroundedNet(cfg, n_sources=2)
+    with torch.no_grad():  # whatever the parameters are
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    m, t, s, d = 3, 5, 6, 8 * 4
+    tgt, sig_t = torch.randn(m, t, d), torch.rand(m, t, 4)
+    valid = torch.ones(m, s, dtype=torch.bool)
+    owner = torch.tensor([0, 0, 0, 1, 1, 1]).expand(m, s)
+    zero = net(tgt, sig_t, torch.zeros(m, s, d), torch.zeros(m, s, 4), valid, owner)["delta"]
+    assert torch.equal(zero, torch.zeros_like(zero))
+
+    # a fresh net: dB starts at zero, and one Adam step moves it by about lr (not alpha * lr * sum|h|)
+    net = GroundedNet(cfg, n_sources=2)
+    src = torch.randn(m, s, d) * 0.03  # source updates are small; RMS normalisation makes them O(1)
+    before = net(tgt, sig_t, src, torch.rand(m, s, 4), valid, owner)["delta"]
+    assert torch.equal(before, torch.zeros_like(before))
+    lr = 1e-3
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    out = net(tgt, sig_t, src, torch.rand(m, s, 4), valid, owner)["delta"]
+    (out * torch.randn_like(out)).sum().backward()
+    opt.step()
+    after = net(tgt, sig_t, src, torch.rand(m, s, 4), valid, owner)["delta"]
+    step = float((after - before).detach().abs().max())
+    assert 0.2 * lr < step < 5 * lr, step / lr
+
+
+def test_spectrum_matched_keeps_singular_values_and_changes_vectors():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 20, generator=g), torch.randn(12, 4, generator=g)
+    a2, b2 = spectrum_matched(a, b, seed=3)
+    assert a2.shape == a.shape and b2.shape == b.shape
+    torch.testing.assert_close(torch.linalg.svdvals(b2 @ a2)[:4], torch.linalg.svdvals(b @ a)[:4], rtol=1e-4, atol=1e-5)
+    assert torch.nn.functional.cosine_similarity((b2 @ a2).flatten(), (b @ a).flatten(), dim=0).abs() < 0.5
+
+
+def test_layer_permutation_moves_every_layer_and_keeps_roles():
+    paths = [f"model.layers.{i}.self_attn.{r}" for i in range(5) for r in ("q_proj", "v_proj")]
+    perm = layer_permutation(paths, seed=1)
+    assert sorted(perm.values()) == sorted(paths)
+    assert all(p != q and p.rsplit(".", 1)[1] == q.rsplit(".", 1)[1] for p, q in perm.items())
+
+
+def test_controls_replace_the_teacher_and_signals_are_cached(zoo, tmp_path):
+    spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2",))
+    adapter = read_adapter(zoo["qwen2-lora"])
+    real = source_signals(spec, 0, adapter, cache_dir(spec))
+    assert not real["cached"] and real["chunks"] > 0 and len(real["items"]) == 4
+    again = source_signals(spec, 0, adapter, cache_dir(spec))
+    assert again["cached"] and again["items"] == real["items"]
+    excess = [c[2] for it in real["items"] for c in it["chunks"]]
+    assert any(abs(e) > 1e-6 for e in excess)  # the adapter changes the base's log-probabilities
+
+    zero = source_signals(spec.model_copy(update={"strategy": "zero_sources"}), 0, adapter, cache_dir(spec))
+    assert not zero["cached"] and zero["key"] != real["key"]
+    assert all(c[2] == 0.0 for it in zero["items"] for c in it["chunks"])  # the bare base: no excess
+    rand = source_signals(spec.model_copy(update={"strategy": "random_sources"}), 0, adapter, cache_dir(spec))
+    assert [c[2] for it in rand["items"] for c in it["chunks"]] != excess
+    # distill_only learns from the real experts: it shares their cached signals
+    direct = source_signals(spec.model_copy(update={"strategy": "distill_only"}), 0, adapter, cache_dir(spec))
+    assert direct["cached"] and direct["key"] == real["key"]
+    # other prompts, another key
+    other = teach_spec(zoo, tmp_path / "o", sources=("qwen2",),
+                       teach={"prompts": [{"path": str(zoo["replay"]), "take": 3}], "max_new_tokens": 6})
+    assert source_signals(other, 0, adapter, cache_dir(other))["key"] != real["key"]
+
+
+def test_control_factors_are_what_the_teacher_and_the_tokens_get(zoo):
+    adapter = read_adapter(zoo["gemma3-lora"])
+    path = sorted(adapter.modules)[0]
+    a, b = adapter.module_tensors(path)
+    ra, rb = control_factors(adapter, path, Control.RANDOM_SOURCES, 0, "s")
+    torch.testing.assert_close(ra.norm(), a.float().norm())
+    torch.testing.assert_close(rb.norm(), b.float().norm())
+    za, zb = control_factors(adapter, path, Control.ZERO_SOURCES, 0, "s")
+    assert not za.any() and not zb.any()
+    na, nb = control_factors(adapter, path, Control.DISTILL_ONLY, 0, "s")
+    assert torch.equal(na, a.float()) and torch.equal(nb, b.float())
+
+
+@pytest.mark.parametrize("strategy,net", [("heterofusion", "grounded"), ("distill_only", "paper")])
+def test_added_rank_adapter_loads_with_peft_and_matches_the_trained_model(zoo, tmp_path, strategy, net):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2", "gemma3"), strategy=strategy,
+                      method={"num_projections": 16, "net": net, "extra_rank": 3})
+    result = fuse_local(spec)
+    config = json.loads((result.output / "adapter_config.json").read_text())
+    target = read_adapter(spec.target.adapter)
+    assert config["r"] == target.config["r"] + 3
+    assert config["lora_alpha"] / config["r"] == pytest.approx(target.scaling)
+    report = json.loads((result.output / "fusion_report.json").read_text())
+    assert report["objective"] == OBJ and set(report["teacher"]) == {"qwen2-lora", "gemma3-lora"}
+    assert set(report["history"][0]["terms"]) == set(OBJ)
+
+    deltas = {k: v for k, v in result.deltas.items() if ":" not in k}
+    extra = {k.split(":", 1)[1]: (result.deltas[k], result.deltas["extra_B:" + k.split(":", 1)[1]])
+             for k in result.deltas if k.startswith("extra_A:")}
+    assert set(extra) == set(target.modules)
+    patched = load_target(spec.target.base, target)
+    patch = LoraDeltaPatch(patched, sorted(target.modules))
+    patch.set(deltas, extra)
+    exported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(spec.target.base)),
+                                         str(result.output)).eval()
+    ids = torch.tensor([[1, 5, 9, 40, 77, 120, 3, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, patched(ids).logits, rtol=1e-5, atol=1e-5)
+        plain = load_target(spec.target.base, target)(ids).logits
+        assert not torch.allclose(plain, exported(ids).logits)
+        with patch.off():  # the reference of the retain and excess terms is the target as it was
+            torch.testing.assert_close(patched(ids).logits, plain)
+
+
+def test_zero_sources_grounded_without_added_rank_leave_the_target_unchanged(zoo, tmp_path):
+    spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2",), strategy="zero_sources",
+                      method={"num_projections": 16, "net": "grounded"})
+    result = fuse_local(spec)
+    assert all(not d.any() for d in result.deltas.values())
+    assert all(h["terms"]["retain"] == 0.0 and h["terms"]["excess"] == 0.0 for h in result.history)
+
+
+def test_objective_errors_name_the_problem(zoo, tmp_path):
+    with pytest.raises(SpecError, match="unknown objective term 'distil'"):
+        make_spec(zoo, tmp_path / "o", objective={"distil": 1.0})
+    with pytest.raises(SpecError, match="add a `teach:` section"):
+        make_spec(zoo, tmp_path / "o", objective={"paper": 1.0, "distill": 1.0})
+    with pytest.raises(SpecError, match="at least one term"):
+        make_spec(zoo, tmp_path / "o", objective={"paper": 0.0})
+    spec = make_spec(zoo, tmp_path / "o", strategy="distill_only")
+    from hetero_ray import run
+
+    with pytest.raises(SpecError, match="distill or excess term"):
+        run(spec, use_ray=False)
+
+
+def test_a_source_without_a_readable_base_is_a_clear_error(zoo, tmp_path):
+    import shutil
+
+    from hetero_ray.errors import HeteroRayError
+
+    adapter_dir = tmp_path / "src"
+    shutil.copytree(zoo["qwen2-lora"], adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "Qwen/Qwen2-0.5B"  # a hub name: not readable here
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2",))
+    spec = spec.model_copy(update={"sources": [spec.sources[0].model_copy(update={"adapter": adapter_dir,
+                                                                                  "family": "qwen2"})]})
+    with pytest.raises(HeteroRayError, match=r"sources\[0\].*base model.*sources\[0\].base"):
+        source_signals(spec, 0, read_adapter(adapter_dir), None)
