@@ -253,3 +253,25 @@ def test_multi_node_cluster_runs_one_worker_per_node_and_gives_the_same_adapter(
     nodes = {p["node_id"] for p in report["zero"]["partitions"]}
     assert len(nodes) == 2
     assert _max_diff(_tensors(reference.output), _tensors(out.adapter)) < 1e-6
+
+
+@pytest.mark.parametrize("strategy,net", [("heterofusion", "grounded"), ("distill_only", "paper")])
+def test_teacher_signals_on_ray_match_in_process(zoo, ray_local, tmp_path, strategy, net):
+    """FamilyActors compute the teacher signals, Ray Data carries the teacher examples to 2 ZeRO-3 workers,
+    which train with every objective term and added rank: the same adapter as in-process."""
+    from hetero_ray.runners.ray.driver import fuse
+
+    spec = _spec(zoo, tmp_path, f"teach-{strategy}", sources=("qwen2", "gemma3"), strategy=strategy,
+                 teach={"prompts": [{"path": str(zoo["replay"]), "take": 4}], "max_new_tokens": 6},
+                 objective={"paper": 1.0, "distill": 1.0, "excess": 0.5, "retain": 0.5},
+                 method={"num_projections": 16, "net": net, "extra_rank": 2},
+                 training={"epochs": 1, "lr": 3e-3, "grad_accum": 2, "batch_size": 2, "max_length": 64})
+    ray_result = fuse(spec)
+    local = fuse_local(spec.model_copy(update={"output": tmp_path / "local"}))
+    a, b = _tensors(ray_result.output), _tensors(local.output)
+    assert a.keys() == b.keys()
+    scale = max(float(v.abs().max()) for v in a.values())
+    assert _max_diff(a, b) < 1e-4 * scale, _max_diff(a, b)
+    report = json.loads((ray_result.output / "fusion_report.json").read_text())
+    assert set(report["teacher"]) == {"qwen2-lora", "gemma3-lora"}
+    assert all(v["answers"] == 4 and v["dropped_chunks"] == 0 for v in report["teacher"].values())
