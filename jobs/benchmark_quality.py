@@ -179,8 +179,8 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     t0 = time.perf_counter()
     adapters: dict[str, dict[int, Path | None]] = {}
     for method in methods:
-        if method == "target_only":
-            adapters[method] = {s: None for s in seeds[:1]}
+        if method == "target_only":  # the target's own expert, unchanged
+            adapters[method] = {s: target_expert for s in seeds[:1]}
             continue
         for seed in seeds:
             spec_file = out / "specs" / f"{method}-{seed}.yaml"
@@ -280,6 +280,8 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
                 "path": "ray+deepspeed" if args.ray else "in-process", "device": args.device}
     (out / "results.json").write_text(json.dumps({"settings": settings, "timings_s": timings, "scores": scores,
                                                   "reference": {st: ref_f1}, "target_se": se_tt,
+                                                  "adapters": {m: {str(k): str(v) for k, v in per.items()}
+                                                               for m, per in adapters.items()},
                                                   "verdicts": verdicts, "nets_vs_distill_only": nets_vs_distill},
                                                  indent=1, default=str))
     print(md)

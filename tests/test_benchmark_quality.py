@@ -59,6 +59,8 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
         v["vs_controls"]["zero_sources"]["hi"]
     assert "Verdict:" in log and "Transfer nets vs distill_only" in (out / "results.md").read_text()
     assert set(result["reference"]) == {"mit-restaurant"}
+    # target_only is the target's own expert, unchanged (not the bare base)
+    assert Path(result["adapters"]["target_only"]["0"]).name.startswith("smollm2-mit-movie-")
     # --resume reuses every finished adapter, untouched
     weights = out / "adapters" / "heterofusion-1" / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
