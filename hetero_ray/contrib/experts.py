@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hetero_ray.io.adapters import file_sha256
+from hetero_ray.io.adapters import dir_fingerprint
 from hetero_ray.io.outputs import atomic_output_dir, check_replaceable, check_spares_inputs
 from hetero_ray.train.replay import collate, tokenize
 from hetero_ray.train.trainer import cosine_schedule, lm_loss
@@ -37,18 +37,8 @@ class ExpertSettings:
     extra: dict = field(default_factory=dict)  # recorded in the card and the key (e.g. the task name)
 
 
-def base_fingerprint(base: str | Path) -> str:
-    """sha256 over the model directory's config, weight and tokenizer files (names and contents)."""
-    h = hashlib.sha256()
-    for p in sorted(Path(base).iterdir()):
-        if p.is_file() and p.suffix in {".json", ".safetensors", ".model", ".txt", ".jinja"}:
-            h.update(p.name.encode())
-            h.update(file_sha256(p).encode())
-    return h.hexdigest()
-
-
 def expert_key(base: str | Path, records: Sequence[dict], settings: ExpertSettings) -> str:
-    payload = {"base": base_fingerprint(base), "records": records, "settings": asdict(settings)}
+    payload = {"base": dir_fingerprint(base), "records": records, "settings": asdict(settings)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -98,7 +88,7 @@ def train_expert(base: str | Path, records: Sequence[dict], out_dir: str | Path,
         losses.append(loss.item())
         if on_step:
             on_step({"step": step + 1, "steps": settings.steps, "loss": losses[-1]})
-    card = {"key": expert_key(base, records, settings), "base": str(base), "base_sha256": base_fingerprint(base),
+    card = {"key": expert_key(base, records, settings), "base": str(base), "base_sha256": dir_fingerprint(base),
             "n_records": len(records), "settings": asdict(settings), "loss_first": losses[0],
             "loss_last": losses[-1], "losses": losses, "train_s": time.perf_counter() - start}
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

@@ -60,6 +60,16 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def dir_fingerprint(base: str | Path) -> str:
+    """sha256 over a model directory's config, weight and tokenizer files (names and contents)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(base).iterdir()):
+        if p.is_file() and p.suffix in {".json", ".safetensors", ".model", ".txt", ".jinja"}:
+            h.update(p.name.encode())
+            h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
 @dataclass
 class LoraAdapter:
     """A PEFT LoRA adapter on disk, opened lazily.

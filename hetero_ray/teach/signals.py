@@ -22,7 +22,7 @@ import torch
 
 from hetero_ray.controls import Control, control_factors
 from hetero_ray.errors import HeteroRayError
-from hetero_ray.io.adapters import LoraAdapter, file_sha256
+from hetero_ray.io.adapters import LoraAdapter, dir_fingerprint
 from hetero_ray.io.outputs import atomic_output_dir
 from hetero_ray.teach.chunks import align_chunks
 from hetero_ray.train.replay import Example, format_prompt, load_records
@@ -82,21 +82,12 @@ def source_base_dir(spec, index: int, adapter: LoraAdapter) -> Path:
                          f"`sources[{index}].base:` to its local directory")
 
 
-def _dir_digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.iterdir()):
-        if p.is_file() and p.suffix in {".json", ".safetensors", ".model", ".txt", ".jinja"}:
-            h.update(p.name.encode())
-            h.update(file_sha256(p).encode())
-    return h.hexdigest()
-
-
 def signals_key(base: Path, adapter: LoraAdapter, control: Control, seed: int, records: Sequence[dict],
                 target_base: Path, settings: Mapping) -> str:
-    payload = {"v": SIGNALS_VERSION, "base": _dir_digest(base), "adapter": adapter.sha256(),
+    payload = {"v": SIGNALS_VERSION, "base": dir_fingerprint(base), "adapter": adapter.sha256(),
                "control": control.value, "seed": seed if control not in (Control.NONE,) else 0,
                "records": [{k: r.get(k) for k in ("instruction", "input")} for r in records],
-               "target_tokenizer": _dir_digest(target_base), "settings": dict(settings)}
+               "target_tokenizer": dir_fingerprint(target_base), "settings": dict(settings)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -71,7 +71,8 @@ def answer_forward(model, batch: Mapping[str, torch.Tensor]) -> Forward:
     return Forward(out.logits.float(), targets[:, positions], positions)
 
 
-def _cross_entropy(fwd: Forward, ref: Forward | None, batch: Mapping) -> torch.Tensor:
+def cross_entropy(fwd: Forward, ref: Forward | None = None, batch: Mapping | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (the ``paper`` and ``distill`` terms)."""
     return F.cross_entropy(fwd.logits.flatten(0, 1), fwd.targets.flatten(), ignore_index=IGNORE)
 
 
@@ -98,11 +99,11 @@ def _excess(fwd: Forward, ref: Forward, batch: Mapping) -> torch.Tensor:
 
 
 register(Term("paper", "cross-entropy on the replay answers, plus RDM (the authors' objective)", "replay", False,
-              None, _cross_entropy))
+              None, cross_entropy))
 register(Term("retain", "KL(target-only || fused) on the replay answer positions: keeps the target's skill",
               "replay", False, "logits", _retain))
 register(Term("distill", "cross-entropy on the source experts' answers to the teach: prompts", "teacher", True,
-              None, _cross_entropy))
+              None, cross_entropy))
 register(Term("excess", "per-chunk log-prob gain over the target matches the expert's gain over its base",
               "teacher", True, "logprobs", _excess))
 

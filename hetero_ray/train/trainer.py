@@ -15,30 +15,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hetero_ray.denoise.fusion import EXTRA, GroupInputs, group_rdm, module_deltas
 from hetero_ray.io.export import EXTRA_A, EXTRA_B
 from hetero_ray.spec import MethodSpec, TrainingSpec
-from hetero_ray.train.objectives import active, micro_loss
-from hetero_ray.train.replay import IGNORE, Example, collate
+from hetero_ray.train.objectives import active, answer_forward, cross_entropy, micro_loss
+from hetero_ray.train.replay import Example, collate
 from hetero_ray.train.target import LoraDeltaPatch
 
 
 def lm_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over answer tokens; logits are computed only at the positions that
-    predict an answer token (not over the whole vocabulary at every position)."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    positions = torch.nonzero((targets != IGNORE).any(dim=0)).flatten()
-    if positions.numel() == 0:
-        raise ValueError("a replay batch has no answer tokens")
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions)
-    logits = out.logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets[:, positions].flatten(), ignore_index=IGNORE)
+    """Mean next-token cross-entropy over answer tokens, with logits only at the positions that predict an
+    answer token (the ``paper`` term on :func:`~hetero_ray.train.objectives.answer_forward`)."""
+    return cross_entropy(answer_forward(model, batch))
 
 
 def plan_windows(
