@@ -7,10 +7,14 @@ Target: SmolLM2-135M-Instruct with its own expert on --target-task; source: a Ge
 setting: no label of the source task anywhere in training. The replay holds --target-task records only; the
 source task's training inputs (outputs stripped) are the `teach:` prompts the source expert answers.
 
-Every trained method uses one spec (same objective, steps, lr, added rank) and differs only in its strategy:
-the fused strategy (heterofusion with the grounded net), `distill_only` (the target's LoRA trained on the same
+Every trained method uses one spec (same objective, steps, added rank) and differs only in its strategy: the
+fused strategy (heterofusion with the grounded net), `distill_only` (the target's LoRA trained on the same
 objective without transfer networks), and the retrained controls, whose source adapter is replaced everywhere,
-the teacher included (zero / random / spectrum-matched / layer-shuffled sources). Each runs once per seed.
+the teacher included (zero / random / spectrum-matched / layer-shuffled sources, and a wrong-task expert of
+the source family). Each trained method gets its own lr: a sweep over --lr-grid at the first seed, scored on a
+validation split carved from the training pools (never the test split, never in the replay or the prompts);
+the chosen lr is the one with the best source-task validation F1 among those that keep the target task within
+1 SE of target_only on validation. Then it runs once per seed at that lr.
 
 Statistics, computed here: F1 on >= 100 held-out test records per task (never seen in training); for each
 method and each control a paired bootstrap 95% CI over test records of (method - control), seeds averaged;
@@ -44,13 +48,19 @@ from hetero_ray.train.replay import load_records  # noqa: E402
 SIZES = {
     # 2 CPU cores: about 5 min per trained run
     "cpu": dict(expert_steps=40, expert_batch=4, test_n=100, teach_n=120, replay_n=32, epochs=1, batch_size=4,
-                grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, lr=5e-4, seeds=[0, 1, 2, 3, 4]),
+                grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, lr=5e-4, seeds=[0, 1, 2, 3, 4],
+                val_n=50, lr_grid=[2.5e-4, 5e-4, 1e-3]),
     # tiny local models, seconds: exercises every stage (tests/test_benchmark_quality.py)
     "smoke": dict(expert_steps=3, expert_batch=2, test_n=6, teach_n=6, replay_n=4, epochs=1, batch_size=2,
-                  grad_accum=1, max_length=96, max_new_tokens=8, extra_rank=2, lr=1e-3, seeds=[0, 1]),
+                  grad_accum=1, max_length=96, max_new_tokens=8, extra_rank=2, lr=1e-3, seeds=[0, 1],
+                  val_n=4, lr_grid=[1e-3, 3e-3]),
 }
 FUSED = ["heterofusion", "distill_only"]  # the candidates for "the fused strategy"
-CONTROLS = ["zero_sources", "random_sources", "spectrum_sources", "shuffled_layers", "replay_only"]
+CONTROLS = ["zero_sources", "random_sources", "spectrum_sources", "shuffled_layers", "wrong_task_expert",
+            "replay_only"]
+# benchmark methods that are a registered strategy run with another source: the source family's expert on
+# --wrong-task teaches (and gives the tokens) instead of the --source-task expert
+VARIANTS = {"wrong_task_expert": "heterofusion"}
 DEFAULT_METHODS = ["target_only", *FUSED, *CONTROLS]
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -102,6 +112,46 @@ def bootstrap_se(a: list[list[tuple]], n: int = 2000, seed: int = 1) -> float:
     return statistics.stdev(draws)
 
 
+def lora_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (scale * B, A) of a PEFT LoRA adapter directory (safetensors only)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise SystemExit(f"{adapter}: per-module rank/alpha patterns are not supported here")
+    r = cfg["r"]
+    scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for key, a in tensors.items():
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0]
+            out[module] = (scale * tensors[key.replace(".lora_A.", ".lora_B.")].double(), a.double())
+    return out
+
+
+def update_ratio(adapter: Path, target: Path) -> float:
+    """||W_adapter - W_target||_F / ||W_target||_F over every module, W = scale * B A (whatever the ranks), by
+    r x r Gram matrices: ||X Y||^2 = tr(X^T X Y Y^T)."""
+    fused, base = lora_factors(adapter), lora_factors(target)
+    if set(fused) != set(base):
+        raise SystemExit(f"{adapter}: modules differ from the target adapter {target}")
+    num = den = 0.0
+    for m, (bt, at) in base.items():
+        bf, af = fused[m]
+        x, y = torch.cat([bf, -bt], 1), torch.cat([af, at], 0)
+        num += float(torch.trace((x.T @ x) @ (y @ y.T)))
+        den += float(torch.trace((bt.T @ bt) @ (at @ at.T)))
+    return (max(num, 0.0) / den) ** 0.5
+
+
+def choose_lr(val: dict[float, dict[str, float]], target_val: float, se: float, tt: str, st: str) -> float:
+    """The lr with the best source-task validation F1 among those keeping the target task within 1 SE of
+    target_only (all of them when none does); ties go to the better target score, then the smaller lr."""
+    keep = [lr for lr, f in val.items() if f[tt] >= target_val - se] or list(val)
+    return max(keep, key=lambda lr: (val[lr][st], val[lr][tt], -lr))
+
+
 def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="directory of UIE task files (JSON lists)")
@@ -109,60 +159,76 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--target-task", default="mit-movie")
     ap.add_argument("--source-task", default="mit-restaurant")
+    ap.add_argument("--wrong-task", default="WikiANN_en", help="task of the wrong_task_expert control's expert")
     ap.add_argument("--target", default="smollm2-135m", help="zoo name or local HF model directory")
     ap.add_argument("--source", default="gemma3-270m", help="zoo name or local HF model directory")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None, help=f"default: {' '.join(DEFAULT_METHODS)}")
     ap.add_argument("--objective", default='{"paper": 1.0, "distill": 1.0}',
-                    help="the trained runs' objective terms and weights (JSON)")
+                    help="objective terms and weights (JSON), the same for every trained method")
     ap.add_argument("--net", default="grounded", choices=["paper", "grounded"], help="heterofusion's transfer net")
-    ap.add_argument("--lr", type=float, default=None, help="every trained run's lr (default: the size's)")
+    ap.add_argument("--lr", type=float, default=None, help="one lr for every trained run (no sweep)")
+    ap.add_argument("--lr-grid", type=float, nargs="+", default=None, help="the sweep (default: the size's)")
     ap.add_argument("--ray", action="store_true", help="run the trained strategies on Ray + DeepSpeed")
     ap.add_argument("--resume", action="store_true", help="reuse what an earlier run of the same settings finished")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: every core, at most 4; 1 leaves a core free)")
     args = ap.parse_args()
     methods = args.methods if args.methods is not None else DEFAULT_METHODS
-    unknown = set(methods) - set(STRATEGIES)
+    unknown = set(methods) - set(STRATEGIES) - set(VARIANTS)
     if unknown:
-        ap.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(STRATEGIES)}")
+        ap.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted([*STRATEGIES, *VARIANTS])}")
     size = dict(SIZES[args.size])
     seeds = args.seeds if args.seeds is not None else size["seeds"]
-    lr = args.lr or size["lr"]
+    if not seeds:
+        ap.error("--seeds: at least one")
+    grid = [args.lr] if args.lr else sorted(args.lr_grid or size["lr_grid"])
     objective = json.loads(args.objective)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
 
     t0 = time.perf_counter()
     target_base, source_base = get_model(args.target), get_model(args.source)
     timings["zoo_s"] = time.perf_counter() - t0
-    tt, st = args.target_task, args.source_task
-    pools, tests = {}, {}
+    tt, st, wt = args.target_task, args.source_task, args.wrong_task
+    pools, tests, vals = {}, {}, {}
     for t in (tt, st):
         pools[t], tests[t] = split(args.data, t, size["test_n"])
+        vals[t] = pools[t][-size["val_n"]:]  # validation: never in the replay or the prompts
+        if max(size["replay_n"], size["teach_n"]) > len(pools[t]) - size["val_n"]:
+            raise SystemExit(f"{t}: {len(pools[t])} training records cannot give the replay/prompts and "
+                             f"{size['val_n']} validation records")
+    splits = {"test": tests, "val": vals}
     kinds = {t: task_kind(tests[t]) for t in (tt, st)}
 
     t0 = time.perf_counter()
     cache = Path(os.environ.get("HETERO_RAY_CACHE", Path.home() / ".cache/hetero-ray")) / "experts"
 
-    def expert(base: Path, family: str, task: str) -> Path:
+    def expert(base: Path, family: str, task: str, records: list[dict]) -> Path:
         settings = ExpertSettings(rank=8, alpha=16, targets=TARGET_MODULES, steps=size["expert_steps"], lr=5e-4,
                                   batch_size=size["expert_batch"], max_length=size["max_length"], seed=0,
                                   extra={"task": task, "family": family})
-        path, card = cached_expert(cache, f"{family}-{task}", base, pools[task], settings, device=args.device)
+        path, card = cached_expert(cache, f"{family}-{task}", base, records, settings, device=args.device)
         log(f"expert {family}/{task}: loss {card['loss_first']:.3f} -> {card['loss_last']:.3f}"
             f"{' (cached)' if card.get('cached') else ''}")
         return path
 
-    target_expert = expert(target_base, "smollm2", tt)
-    source_expert = expert(source_base, "gemma3", st)
+    # the experts saw their task's whole training pool (validation included); the fused runs never see a label
+    # of the source task, and the validation records are in neither the replay nor the prompts
+    target_expert = expert(target_base, "smollm2", tt, pools[tt])
+    source_expert = expert(source_base, "gemma3", st, pools[st])
+    wrong_expert = (expert(source_base, "gemma3", wt, split(args.data, wt, size["test_n"])[0])
+                    if "wrong_task_expert" in methods else None)
     timings["experts_s"] = time.perf_counter() - t0
 
     # training data: labelled target-task replay; source-task inputs with their outputs removed
     replay = write_jsonl(pools[tt][: size["replay_n"]], out / "data" / f"{tt}-replay.jsonl")
-    teach = write_jsonl([{k: v for k, v in r.items() if k != "output"} for r in pools[st][: size["teach_n"]]],
+    teach_records = pools[st][: size["teach_n"]]
+    teach = write_jsonl([{k: v for k, v in r.items() if k != "output"} for r in teach_records],
                         out / "data" / f"{st}-prompts.jsonl")
     base_spec = {
         "target": {"base": str(target_base), "adapter": str(target_expert)},
@@ -171,68 +237,122 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         "teach": {"prompts": [{"path": str(teach)}], "max_new_tokens": size["max_new_tokens"], "batch_size": 16},
         "objective": objective,
         "method": {"net": args.net, "extra_rank": size["extra_rank"]},
-        "training": {"epochs": size["epochs"], "lr": lr, "batch_size": size["batch_size"],
-                     "grad_accum": size["grad_accum"], "max_length": size["max_length"], "warmup_ratio": 0.05},
+        "training": {"epochs": size["epochs"], "batch_size": size["batch_size"], "grad_accum": size["grad_accum"],
+                     "max_length": size["max_length"], "warmup_ratio": 0.05},
         "cluster": {"workers": 1, "zero_stage": 0, "storage": str(out / "runs"), "use_gpu": args.device == "cuda"},
         "overwrite": True,
     }
-    t0 = time.perf_counter()
-    adapters: dict[str, dict[int, Path | None]] = {}
-    for method in methods:
-        if method == "target_only":  # the target's own expert, unchanged
-            adapters[method] = {s: target_expert for s in seeds[:1]}
-            continue
-        for seed in seeds:
-            spec_file = out / "specs" / f"{method}-{seed}.yaml"
-            spec_file.parent.mkdir(parents=True, exist_ok=True)
-            spec_file.write_text(yaml.safe_dump({**base_spec, "strategy": method, "seed": seed,
-                                                 "output": str(out / "adapters" / f"{method}-{seed}")}))
-            spec = load_spec(spec_file)
-            if args.resume and completed(spec):
-                adapters.setdefault(method, {})[seed] = spec.output
-                log(f"{method} seed {seed}: reused")
-                continue
+
+    def tag(method: str, seed: int, lr: float) -> str:  # runs at the size's default lr keep their old names
+        return f"{method}-{seed}" if lr == size["lr"] else f"{method}-lr{lr:g}-{seed}"
+
+    reports: dict[str, dict] = {}
+
+    def train(method: str, seed: int, lr: float) -> Path:
+        name = tag(method, seed, lr)
+        spec_file = out / "specs" / f"{name}.yaml"
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        raw = {**base_spec, "strategy": VARIANTS.get(method, method), "seed": seed,
+               "training": {**base_spec["training"], "lr": lr}, "output": str(out / "adapters" / name)}
+        if method == "wrong_task_expert":
+            raw["sources"] = [{"adapter": str(wrong_expert), "base": str(source_base), "id": f"gemma3-{wt}"}]
+        spec_file.write_text(yaml.safe_dump(raw))
+        spec = load_spec(spec_file)
+        if name in reports:  # trained earlier in this run (the sweep's run at the chosen lr)
+            return spec.output
+        if args.resume and completed(spec):
+            log(f"{name}: reused")
+        else:
             t = time.perf_counter()
-            adapters.setdefault(method, {})[seed] = run_strategy(spec, use_ray=args.ray)
+            run_strategy(spec, use_ray=args.ray)
             report = json.loads((spec.output / "fusion_report.json").read_text())
             teacher = "; ".join(f"{k}: {v['answers']} answers, {v['dropped_chunks']}/{v['chunks']} chunks dropped"
                                 for k, v in (report.get("teacher") or {}).items())
-            log(f"{method} seed {seed}: {time.perf_counter() - t:.0f} s; terms {report['history'][-1]['terms']}; "
+            log(f"{name}: {time.perf_counter() - t:.0f} s; terms {report['history'][-1]['terms']}; "
                 f"teacher {teacher or 'none'}")
-    timings["fusion_s"] = time.perf_counter() - t0
+        reports[name] = json.loads((spec.output / "fusion_report.json").read_text())
+        return spec.output
 
-    # evaluation on the held-out splits; per-record counts kept for the paired bootstrap
-    t0 = time.perf_counter()
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
 
-    def evaluate(name: str, base: Path, adapter: Path | None, tasks: list[str]) -> dict[str, list[tuple]]:
-        path = eval_dir / f"{name}.json"
+    def evaluate(name: str, base: Path, adapter: Path | None, tasks: list[str], which: str = "test"
+                 ) -> dict[str, list[tuple]]:
+        records = splits[which]
+        path = eval_dir / (f"{name}.json" if which == "test" else f"{name}.{which}.json")
         key = {"adapter": str(adapter), "weights": (adapter / "adapter_model.safetensors").stat().st_mtime_ns
-               if adapter else None, "tasks": tasks, "n": size["test_n"]}
+               if adapter else None, "tasks": tasks, "n": size["test_n"] if which == "test" else size["val_n"]}
+        if which != "test":
+            key["split"] = which
         if args.resume and path.is_file() and json.loads(path.read_text())["key"] == key:
             return json.loads(path.read_text())["counts"]
         model, tok = load_model(base, adapter, device=args.device)
         counts = {}
         for t in tasks:
-            preds = generate(model, tok, tests[t], batch_size=20, max_new_tokens=size["max_new_tokens"])
-            counts[t] = example_counts(kinds[t], preds, [str(r["output"]) for r in tests[t]])
+            preds = generate(model, tok, records[t], batch_size=20, max_new_tokens=size["max_new_tokens"])
+            counts[t] = example_counts(kinds[t], preds, [str(r["output"]) for r in records[t]])
         path.write_text(json.dumps({"key": key, "counts": counts}))
         return counts
 
+    # 1. lr sweep on the validation split, first seed; each trained method gets the lr it does best with
+    t0 = time.perf_counter()
+    trained = [m for m in methods if m != "target_only"]
+    sweep: dict[str, dict[float, dict[str, float]]] = {}
+    chosen: dict[str, float] = {}
+    target_val = se_val = None
+    if len(grid) > 1 and trained:
+        c = evaluate("target_only-0", target_base, target_expert, [tt, st], "val")
+        target_val, se_val = micro_f1(c[tt]), bootstrap_se([[tuple(x) for x in c[tt]]])
+        log(f"validation target_only: {tt} {target_val:.3f} (1 SE {se_val:.3f}), {st} {micro_f1(c[st]):.3f}")
+    for method in trained:
+        if len(grid) == 1:
+            chosen[method] = grid[0]
+            continue
+        for lr in grid:
+            c = evaluate(tag(method, seeds[0], lr), target_base, train(method, seeds[0], lr), [tt, st], "val")
+            sweep.setdefault(method, {})[lr] = {t: micro_f1(c[t]) for t in (tt, st)}
+            log(f"validation {method} lr {lr:g}: " + ", ".join(f"{t} {micro_f1(c[t]):.3f}" for t in (tt, st)))
+        chosen[method] = choose_lr(sweep[method], target_val, se_val, tt, st)
+        log(f"{method}: lr {chosen[method]:g} chosen")
+    timings["sweep_s"] = time.perf_counter() - t0
+
+    # 2. every seed at the chosen lr
+    t0 = time.perf_counter()
+    adapters: dict[str, dict[int, Path]] = {}
+    for method in methods:
+        if method == "target_only":  # the target's own expert, unchanged
+            adapters[method] = {seeds[0]: target_expert}
+            continue
+        for seed in seeds:
+            adapters.setdefault(method, {})[seed] = train(method, seed, chosen[method])
+    timings["fusion_s"] = time.perf_counter() - t0
+
+    # 3. evaluation on the held-out test splits; per-record counts kept for the paired bootstrap
+    t0 = time.perf_counter()
     counts: dict[str, dict[str, list[list[tuple]]]] = {}
+    ratios: dict[str, list[float]] = {}
+    teacher_f1: dict[str, float | None] = {}
+    gold = [str(r["output"]) for r in teach_records]
     for method, per_seed in adapters.items():
         for seed, path in per_seed.items():
-            c = evaluate(f"{method}-{seed}", target_base, path, [tt, st])
+            name = f"{method}-{seed}" if method == "target_only" else tag(method, seed, chosen[method])
+            c = evaluate(name, target_base, path, [tt, st])
             for t in (tt, st):
                 counts.setdefault(method, {}).setdefault(t, []).append([tuple(x) for x in c[t]])
+            ratios.setdefault(method, []).append(update_ratio(path, target_expert))
             log(f"eval {method} seed {seed}: " + ", ".join(f"{t} {micro_f1(c[t]):.3f}" for t in (tt, st)))
+            # how good the run's teacher was on the prompts it answered (their labels are known here only)
+            for sid, summary in ((reports.get(name) or {}).get("teacher") or {}).items():
+                sig = out / "runs" / "teacher-cache" / f"{sid}-{summary.get('key')}" / "signals.json"
+                if method not in teacher_f1 and sig.is_file():
+                    answers = [it["answer"] for it in json.loads(sig.read_text())["items"]]
+                    teacher_f1[method] = micro_f1(example_counts(kinds[st], answers, gold[: len(answers)]))
     ref = evaluate("source-expert-own-base", source_base, source_expert, [st])[st]
     ref_f1 = micro_f1(ref)
     log(f"reference: gemma3 expert on {st}, own base: {ref_f1:.3f}")
     timings["eval_s"] = time.perf_counter() - t0
 
-    # statistics and verdict
+    # 4. statistics and verdict
     scores = {m: {t: [micro_f1(x) for x in per[t]] for t in (tt, st)} for m, per in counts.items()}
     mean = {m: {t: statistics.fmean(v) for t, v in per.items()} for m, per in scores.items()}
     base_st = mean.get("target_only", {}).get(st)
@@ -252,15 +372,27 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     def cell(values: list[float]) -> str:
         return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
+    lr_note = (f"lr per method from a sweep over {grid} on {size['val_n']} validation records per task"
+               if len(grid) > 1 else f"lr {grid[0]:g} for every method")
     lines = [f"Target SmolLM2-135M with its {tt} expert; source Gemma-3-270M {st} expert; no {st} label in training "
-             f"({len(pools[st][: size['teach_n']])} {st} prompts teach, {size['replay_n']} labelled {tt} records "
-             f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; lr {lr}, "
-             f"objective {objective}, added rank {size['extra_rank']}, heterofusion net {args.net}.", "",
-             f"| method | seeds | {tt} | {st} |", "|---|---:|---:|---:|"]
+             f"({len(teach_records)} {st} prompts teach, {size['replay_n']} labelled {tt} records "
+             f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; {lr_note}; "
+             f"objective {objective}, added rank {size['extra_rank']}, heterofusion net {args.net}; "
+             f"wrong_task_expert: the Gemma-3 {wt} expert. ‖ΔW‖/‖W_t‖: the update's size against the target "
+             f"expert's (all modules, W = scale·B·A). Teacher F1: the run's teacher's answers on the {st} prompts "
+             "against their (unused) labels.", "",
+             f"| method | seeds | lr | ‖ΔW‖/‖W_t‖ | teacher F1 | {tt} | {st} |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m, per in scores.items():
-        lines.append(f"| {m} | {len(per[tt])} | {cell(per[tt])} | {cell(per[st])} |")
+        lr_cell = f"{chosen[m]:g}" if m in chosen else "–"
+        tf = f"{teacher_f1[m]:.3f}" if teacher_f1.get(m) is not None else "–"
+        lines.append(f"| {m} | {len(per[tt])} | {lr_cell} | {statistics.fmean(ratios[m]):.3f} | {tf} | "
+                     f"{cell(per[tt])} | {cell(per[st])} |")
     lines += ["", f"Reference: the Gemma-3 {st} expert on its own base: {ref_f1:.3f}. Target task 1 SE "
               f"(bootstrap, target_only): {se_tt:.3f}." if se_tt is not None else "", ""]
+    if sweep:
+        lines += ["Validation sweep (first seed; " + f"{tt} / {st} F1): " + "; ".join(
+            f"{m}: " + ", ".join(f"{lr:g} {f[tt]:.3f}/{f[st]:.3f}" for lr, f in per.items())
+            for m, per in sweep.items()), ""]
     for m, v in verdicts.items():
         lines.append(f"**{m}** on {st}: " + "; ".join(f"vs {c} {x['diff']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}]"
                                                      for c, x in v["vs_controls"].items()))
@@ -275,11 +407,14 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     lines += ["", "Stage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items())]
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
-    settings = {"size": args.size, **size, "seeds": seeds, "lr": lr, "objective": objective, "net": args.net,
-                "target_task": tt, "source_task": st, "target": str(target_base), "source": str(source_base),
-                "path": "ray+deepspeed" if args.ray else "in-process", "device": args.device}
+    settings = {"size": args.size, **size, "seeds": seeds, "lr_grid": grid, "objective": objective, "net": args.net,
+                "target_task": tt, "source_task": st, "wrong_task": wt, "target": str(target_base),
+                "source": str(source_base), "path": "ray+deepspeed" if args.ray else "in-process",
+                "device": args.device}
     (out / "results.json").write_text(json.dumps({"settings": settings, "timings_s": timings, "scores": scores,
-                                                  "reference": {st: ref_f1}, "target_se": se_tt,
+                                                  "lr": chosen, "sweep": sweep, "update_ratio": ratios,
+                                                  "teacher_f1": teacher_f1, "reference": {st: ref_f1},
+                                                  "target_se": se_tt,
                                                   "adapters": {m: {str(k): str(v) for k, v in per.items()}
                                                                for m, per in adapters.items()},
                                                   "verdicts": verdicts, "nets_vs_distill_only": nets_vs_distill},

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hetero_ray.contrib import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["target_only", "heterofusion", "distill_only", "zero_sources"]
+METHODS = ["target_only", "heterofusion", "distill_only", "zero_sources", "wrong_task_expert"]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def bench_inputs(tmp_path_factory):
     source = tiny.build_tiny_model("gemma3", root / "gemma3", seed=1, tokenizer=tok)
     data = root / "uie"
     data.mkdir()
-    for name, task in (("mit-movie", "movie"), ("mit-restaurant", "restaurant")):
+    for name, task in (("mit-movie", "movie"), ("mit-restaurant", "restaurant"), ("vehicles", "vehicle")):
         (data / f"{name}_sample300.json").write_text(json.dumps(tiny.task_records(task, 110, seed=3)))
     return root, target, source, data
 
@@ -30,7 +31,8 @@ def bench_inputs(tmp_path_factory):
 def _run(bench_inputs, out, *extra):
     root, target, source, data = bench_inputs
     cmd = [sys.executable, "jobs/benchmark_quality.py", "--data", str(data), "--out", str(out), "--size", "smoke",
-           "--target", str(target), "--source", str(source), "--device", "cpu", "--methods", *METHODS, *extra]
+           "--target", str(target), "--source", str(source), "--device", "cpu", "--wrong-task", "vehicles",
+           "--methods", *METHODS, *extra]
     env = {**os.environ, "HETERO_RAY_CACHE": str(root / "cache")}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -54,20 +56,34 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     assert prompts and all("output" not in r for r in prompts)
     # the verdict is computed: paired CIs against the control, gap recovered, target kept
     v = result["verdicts"]["heterofusion"]
-    assert set(v["vs_controls"]) == {"zero_sources"}
+    assert set(v["vs_controls"]) == {"zero_sources", "wrong_task_expert"}
     assert v["vs_controls"]["zero_sources"]["lo"] <= v["vs_controls"]["zero_sources"]["diff"] <= \
         v["vs_controls"]["zero_sources"]["hi"]
     assert "Verdict:" in log and "Transfer nets vs distill_only" in (out / "results.md").read_text()
     assert set(result["reference"]) == {"mit-restaurant"}
     # target_only is the target's own expert, unchanged (not the bare base)
     assert Path(result["adapters"]["target_only"]["0"]).name.startswith("smollm2-mit-movie-")
-    # --resume reuses every finished adapter, untouched
-    weights = out / "adapters" / "heterofusion-1" / "adapter_model.safetensors"
+    # every trained method had its lr chosen on the validation split, from the grid, by the stated rule
+    assert set(result["lr"]) == set(METHODS) - {"target_only"} and set(result["sweep"]) == set(result["lr"])
+    for method, per_lr in result["sweep"].items():
+        assert sorted(float(x) for x in per_lr) == [1e-3, 3e-3]
+        assert result["lr"][method] in (1e-3, 3e-3)
+    # the wrong-task control is the source family's expert on another task, everywhere the source is read
+    wrong = yaml.safe_load(next((out / "specs").glob("wrong_task_expert-*0.yaml")).read_text())
+    assert wrong["strategy"] == "heterofusion" and "gemma3-vehicles-" in wrong["sources"][0]["adapter"]
+    assert wrong["sources"][0]["id"] == "gemma3-vehicles"
+    # update sizes: zero for the target's own expert, positive for every trained run
+    assert result["update_ratio"]["target_only"][0] < 1e-6
+    assert all(r > 0 for m, rs in result["update_ratio"].items() if m != "target_only" for r in rs)
+    assert result["teacher_f1"]["zero_sources"] is not None and "teacher F1" in (out / "results.md").read_text()
+    # --resume reuses every finished adapter, untouched: 4 methods x (2 lrs at seed 0 + seed 1 at the chosen lr)
+    weights = next((out / "adapters").glob("heterofusion*-1")) / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
     log = _run(bench_inputs, out, "--resume")
-    assert log.count("reused") == 6 and weights.stat().st_mtime_ns == before
+    assert log.count("reused") == 12 and weights.stat().st_mtime_ns == before
     # another objective makes every spec different: nothing is reused
-    log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--objective", '{"paper": 1.0, "distill": 0.5}')
+    log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--lr", "1e-3",
+               "--objective", '{"paper": 1.0, "distill": 0.5}')
     assert "reused" not in log
     assert weights.stat().st_mtime_ns == before  # seed 1 was not asked for
 
