@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from hetero_ray.errors import SpecError
 
@@ -55,10 +55,25 @@ class ReplaySpec(_Strict):
         return v
 
 
+class TeachPromptSpec(ReplaySpec):
+    sources: list[str] | None = Field(None, min_length=1, description="ids of the sources that answer this file "
+                                      "(default: every source); e.g. each expert its own domain's prompts")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_sources(self, handler):
+        # left out when unset, so the spec digest (and the run name) of a spec written before this field existed
+        # is unchanged and `completed()` still finds its finished output
+        data = handler(self)
+        if data.get("sources") is None:
+            data.pop("sources", None)
+        return data
+
+
 class TeachSpec(_Strict):
     """Prompts the source experts answer (teacher signals); records need an ``instruction``, never an output."""
 
-    prompts: list[ReplaySpec] = Field(min_length=1, description="record files (JSON list or JSONL) and how many")
+    prompts: list[TeachPromptSpec] = Field(min_length=1, description="record files (JSON list or JSONL), how "
+                                           "many, and which sources answer them")
     max_new_tokens: int = Field(64, gt=0, description="longest teacher answer, in source tokens")
     batch_size: int = Field(8, gt=0, description="prompts per generation batch")
 
@@ -217,6 +232,17 @@ class FusionSpec(_Strict):
             if where != f"sources[{i}].adapter":
                 raise ValueError(f"sources[{i}].adapter {s.adapter} is the same adapter as {where}; each source "
                                  "must be a different expert, and the target is not a source")
+        if self.teach is not None:
+            answered = set()
+            for j, p in enumerate(self.teach.prompts):
+                unknown = sorted(set(p.sources or ids) - set(ids))
+                if unknown:
+                    raise ValueError(f"teach.prompts[{j}].sources: no source has id {unknown}; the ids are {ids}")
+                answered.update(p.sources or ids)
+            silent = [x for x in ids if x not in answered]
+            if silent:
+                raise ValueError(f"teach.prompts: no prompt file is answered by source(s) {silent}; list them in a "
+                                 "file's `sources:` (or leave `sources:` out: every source answers that file)")
         return self
 
     @property

@@ -181,3 +181,30 @@ def test_a_source_without_a_readable_base_is_a_clear_error(zoo, tmp_path):
                                                                                   "family": "qwen2"})]})
     with pytest.raises(HeteroRayError, match=r"sources\[0\].*base model.*sources\[0\].base"):
         source_signals(spec, 0, read_adapter(adapter_dir), None)
+
+
+def test_each_prompt_file_is_answered_by_the_sources_it_names(zoo, tmp_path):
+    from hetero_ray.contrib import tiny
+    from hetero_ray.teach.signals import teach_records, teacher_examples
+    from hetero_ray.train.replay import load_tokenizer
+
+    other = tiny.write_jsonl(tiny.color_task_records(5, seed=7), tmp_path / "other.jsonl")
+    prompts = [{"path": str(zoo["replay"]), "take": 3, "sources": ["qwen2-lora"]}, {"path": str(other)}]
+    spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2", "gemma3"),
+                      teach={"prompts": prompts, "max_new_tokens": 4})
+    assert len(teach_records(spec)) == 8
+    assert len(teach_records(spec, 0)) == 8 and teach_records(spec, 1) == teach_records(spec)[3:]
+    signals = [source_signals(spec, i, read_adapter(zoo[f"{f}-lora"]), None) for i, f in enumerate(("qwen2", "gemma3"))]
+    assert [len(s["items"]) for s in signals] == [8, 5]
+    examples = teacher_examples(spec, signals, load_tokenizer(spec.target.base))
+    assert len(examples) == sum(1 for s in signals for it in s["items"] if it["answer"]) > 5
+    # the spec digest of a file without `sources:` is what it was before the field existed
+    plain = teach_spec(zoo, tmp_path / "o", sources=("qwen2",))
+    assert "sources" not in plain.model_dump(mode="json")["teach"]["prompts"][0]
+
+    with pytest.raises(SpecError, match=r"teach.prompts\[0\].sources: no source has id \['nope'\]"):
+        teach_spec(zoo, tmp_path / "o", sources=("qwen2", "gemma3"),
+                   teach={"prompts": [{"path": str(other), "sources": ["nope"]}]})
+    with pytest.raises(SpecError, match=r"no prompt file is answered by source\(s\) \['gemma3-lora'\]"):
+        teach_spec(zoo, tmp_path / "o", sources=("qwen2", "gemma3"),
+                   teach={"prompts": [{"path": str(other), "sources": ["qwen2-lora"]}]})

@@ -24,7 +24,7 @@ from hetero_ray.runners.prepare import (
     require_trained,
 )
 from hetero_ray.spec import FusionSpec
-from hetero_ray.teach.signals import signals_summary, teach_records, teacher_examples
+from hetero_ray.teach.signals import signals_summary, teacher_examples
 from hetero_ray.train.replay import load_tokenizer
 
 
@@ -109,7 +109,7 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
     timings["setup_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     signals = teacher_signals_local(spec, [a for a, _ in sources])
-    teacher = teacher_examples(spec, signals, teach_records(spec), tokenizer) if signals else []
+    teacher = teacher_examples(spec, signals, tokenizer) if signals else []
     timings["teach_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     net = build_net(spec, plan, block, groups, target).to(device)

@@ -53,11 +53,13 @@ def generate(model, tokenizer, records: Sequence[Mapping], batch_size: int = 16,
     return out
 
 
-def teach_records(spec) -> list[dict]:
-    """Every prompt record the spec's ``teach:`` selects (``take`` applied with a seeded shuffle per file)."""
+def teach_records(spec, index: int | None = None) -> list[dict]:
+    """The prompt records the spec's ``teach:`` selects (``take`` applied with a seeded shuffle per file); with
+    ``index``, only those of the files that source answers (a file's ``sources:``, or every file without one)."""
     if spec.teach is None:
         return []
-    return [r for i, t in enumerate(spec.teach.prompts)
+    sid = None if index is None else spec.source_ids()[index]
+    return [r for i, t in enumerate(spec.teach.prompts) if sid is None or t.sources is None or sid in t.sources
             for r in load_records(t.path, t.take, spec.seed + i, field=f"teach.prompts[{i}]", need_output=False)]
 
 
@@ -172,7 +174,7 @@ def source_signals(spec, index: int, adapter: LoraAdapter, cache: Path | None = 
     from hetero_ray.train.replay import load_tokenizer
 
     control = spec.control.teacher
-    records = teach_records(spec)
+    records = teach_records(spec, index)
     base = source_base_dir(spec, index, adapter)
     excess = spec.objective.get("excess", 0.0) > 0
     settings = {"max_new_tokens": spec.teach.max_new_tokens, "excess": excess}
@@ -199,13 +201,15 @@ def source_signals(spec, index: int, adapter: LoraAdapter, cache: Path | None = 
     return {**out, "cached": False}
 
 
-def teacher_examples(spec, signals: Sequence[dict], records: Sequence[dict], tokenizer) -> list[Example]:
-    """Target-tokenized training examples: each teach prompt with each source's answer (the ``distill``
-    term), carrying the per-chunk excess (the ``excess`` term). Empty answers are skipped."""
+def teacher_examples(spec, signals: Sequence[dict], tokenizer) -> list[Example]:
+    """Target-tokenized training examples: each teach prompt with the answer of each source that answers it
+    (the ``distill`` term), carrying the per-chunk excess (the ``excess`` term). Empty answers are skipped."""
     from hetero_ray.train.replay import tokenize
 
+    index = {sid: i for i, sid in enumerate(spec.source_ids())}
     out = []
     for sig in signals:
+        records = teach_records(spec, index[sig["source_id"]])
         kept = [(r, it) for r, it in zip(records, sig["items"], strict=True) if it["answer"]]
         examples = tokenize(tokenizer, [{**r, "output": it["answer"]} for r, it in kept], spec.training.max_length)
         for e, (_, it) in zip(examples, kept, strict=True):

@@ -20,12 +20,11 @@ class FamilyActor:
     """Aligns every source of one family; a restarted actor redoes its work with identical results
     (everything it computes is a deterministic function of the spec)."""
 
-    def __init__(self, spec: dict, family: str, plan: dict, block_size: int, fault: str | None = None):
+    def __init__(self, spec: dict, family: str, plan: dict, block_size: int):
         self.spec = FusionSpec.model_validate(spec)
         self.family = family
         self.plan = AlignmentPlan.from_dict(plan)
         self.block_size = block_size
-        self.fault = fault
         self.base_models: dict = {}  # the family's base model(s), loaded once for every source's teacher
 
     def teach(self, source: int) -> dict:
@@ -47,6 +46,6 @@ class FamilyActor:
         wanted = set(layers)
         cands = [c for c in candidates_of(self.spec, self.plan, source, adapter, topo, self.block_size)
                  if c.target_layer in wanted]
-        maybe_fail(self.fault, "actor")
+        maybe_fail("actor")
         table = candidates_to_arrow(cands)
         return table.replace_schema_metadata({"seconds": f"{time.perf_counter() - t0:.6f}"})

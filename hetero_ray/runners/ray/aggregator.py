@@ -133,7 +133,7 @@ def train_loop(config: dict) -> None:
 
     per_epoch = max(1, math.ceil(len(windows) / spec.training.epochs))
     for step in range(start, len(windows)):
-        maybe_fail(config.get("fault"), "worker", step)
+        maybe_fail("worker", step)
         surrogate, metrics = objective.window(engine, windows[step])
         engine.backward(surrogate)
         engine.step()

@@ -33,9 +33,9 @@ from hetero_ray.runners.prepare import (
     replay_records,
     require_trained,
 )
+from hetero_ray.runners.ray import faults
 from hetero_ray.runners.ray.actors import FamilyActor
 from hetero_ray.runners.ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
-from hetero_ray.runners.ray.faults import fault_spec
 from hetero_ray.spec import FusionSpec
 from hetero_ray.teach.signals import signals_summary
 from hetero_ray.tokens.candidates import CANDIDATE_SCHEMA
@@ -113,8 +113,8 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     if teach and spec.cluster.use_gpu:  # teachers run their models on a GPU share
         gpus = {"num_gpus": min(1.0, ray.cluster_resources().get("GPU", 0) / max(1, len(families)))}
     actors = {
-        fam: FamilyActor.options(num_cpus=0.5, **gpus).remote(spec.model_dump(mode="json"), fam, plan.to_dict(),
-                                                              block, fault_spec())
+        fam: FamilyActor.options(num_cpus=0.5, runtime_env=faults.runtime_env(), **gpus).remote(
+            spec.model_dump(mode="json"), fam, plan.to_dict(), block)
         for fam in families
     }
     refs, what, teach_refs = [], {}, {}
@@ -158,9 +158,9 @@ def teacher_dataset(spec: FusionSpec, signals: list[dict], tokenizer):
     """The teacher examples (each source's answers, target-tokenized, with their chunk excess) as a Dataset."""
     import ray
 
-    from hetero_ray.teach.signals import teach_records, teacher_examples
+    from hetero_ray.teach.signals import teacher_examples
 
-    examples = teacher_examples(spec, signals, teach_records(spec), tokenizer)
+    examples = teacher_examples(spec, signals, tokenizer)
     rows = [{"index": i, "input_ids": e.input_ids, "labels": e.labels, "chunks": json.dumps(e.chunks)}
             for i, e in enumerate(examples)]
     return ray.data.from_items(rows or [{"index": -1, "input_ids": [], "labels": [], "chunks": "null"}]).materialize()
@@ -264,13 +264,13 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "plan": plan.to_dict(), "block_size": block,
-                           "pad_id": tokenizer.pad_token_id, "fault": fault_spec()},
+                           "pad_id": tokenizer.pad_token_id},
         torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=spec.cluster.workers, use_gpu=spec.cluster.use_gpu,
                                                resources_per_worker={"CPU": spec.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=spec.cluster.storage if "://" in spec.cluster.storage
                                        else root, failure_config=ray.train.FailureConfig(max_failures=3),
-                                       callbacks=[train_callback(sink)]),
+                                       callbacks=[train_callback(sink)], worker_runtime_env=faults.runtime_env()),
         datasets={"candidates": candidates, "replay": replay, "teacher": teacher},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
