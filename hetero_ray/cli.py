@@ -168,13 +168,14 @@ def inspect(adapter: Path, family: str | None, base: Path | None, allow_pickle: 
 @cli.command()
 @click.option("--out", "run_dir", type=click.Path(path_type=Path), default=Path("hetero-ray-demo"),
               show_default=True, help="run directory (models, experts, fused adapters, results)")
-@click.option("--quick", is_flag=True, help="smaller models and fewer steps (about a third of the time)")
+@click.option("--quick", is_flag=True, help="smaller models and fewer steps")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--no-ray", is_flag=True, help="fuse in this process instead of on a local Ray instance")
-@click.option("--workers", default=2, show_default=True, help="aggregator workers")
-@click.option("--zero-stage", default=3, show_default=True, type=click.IntRange(0, 3))
+@click.option("--ray/--no-ray", "use_ray", default=False, show_default=True,
+              help="fuse on a local Ray instance through the distributed pipeline (default: in this process)")
+@click.option("--workers", default=2, show_default=True, help="aggregator workers (with --ray)")
+@click.option("--zero-stage", default=3, show_default=True, type=click.IntRange(0, 3), help="with --ray")
 @click.option("--verbose", is_flag=True, help="on a terminal, show library and Ray logs instead of the log file")
-def demo(run_dir: Path, quick: bool, seed: int, no_ray: bool, workers: int, zero_stage: int, verbose: bool) -> None:
+def demo(run_dir: Path, quick: bool, seed: int, use_ray: bool, workers: int, zero_stage: int, verbose: bool) -> None:
     """Build tiny models of three families, train an expert per task, fuse, evaluate: offline, one machine."""
     from hetero_ray.console import quiet_terminal, silence_libraries, terminal, wants_quiet
     from hetero_ray.contrib.demo import run_demo
@@ -184,7 +185,7 @@ def demo(run_dir: Path, quick: bool, seed: int, no_ray: bool, workers: int, zero
     with quiet_terminal(log_path, quiet):
         silence_libraries()
         echo = (lambda text: click.echo(text, file=terminal())) if quiet else click.echo
-        run_demo(run_dir, quick=quick, seed=seed, use_ray=not no_ray, workers=workers, zero_stage=zero_stage,
+        run_demo(run_dir, quick=quick, seed=seed, use_ray=use_ray, workers=workers, zero_stage=zero_stage,
                  echo=echo)
         if quiet:
             echo(f"(library and Ray logs: {log_path})")

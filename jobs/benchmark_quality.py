@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -38,7 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from hetero_ray.contrib.evaluate import example_counts, generate, load_model, micro_f1, task_kind  # noqa: E402
+from hetero_ray.contrib.evaluate import (  # noqa: E402
+    bootstrap_se,
+    example_counts,
+    generate,
+    load_model,
+    micro_f1,
+    paired_bootstrap,
+    task_kind,
+)
 from hetero_ray.contrib.experts import ExpertSettings, cached_expert  # noqa: E402
 from hetero_ray.contrib.zoo import get_model  # noqa: E402
 from hetero_ray.spec import load_spec  # noqa: E402
@@ -49,7 +56,7 @@ SIZES = {
     # 2 CPU cores: about 5 min per trained run
     "cpu": dict(expert_steps=40, expert_batch=4, test_n=100, teach_n=120, replay_n=32, epochs=1, batch_size=4,
                 grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, lr=5e-4, seeds=[0, 1, 2, 3, 4],
-                val_n=50, lr_grid=[2.5e-4, 5e-4, 1e-3]),
+                val_n=50, lr_grid=[5e-4, 1e-3, 2e-3]),
     # tiny local models, seconds: exercises every stage (tests/test_benchmark_quality.py)
     "smoke": dict(expert_steps=3, expert_batch=2, test_n=6, teach_n=6, replay_n=4, epochs=1, batch_size=2,
                   grad_accum=1, max_length=96, max_new_tokens=8, extra_rank=2, lr=1e-3, seeds=[0, 1],
@@ -86,30 +93,6 @@ def write_jsonl(records: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-def bootstrap(a: list[list[tuple]], b: list[list[tuple]], n: int = 2000, seed: int = 0) -> dict:
-    """Paired bootstrap over test records of mean-over-seeds micro F1(a) - F1(b). ``a``, ``b``: per seed, per
-    record (correct, predicted, gold) counts. Returns the observed difference and the 95% percentile CI."""
-    rng = random.Random(seed)
-    n_rec = len(a[0])
-    diff = statistics.fmean(micro_f1(x) for x in a) - statistics.fmean(micro_f1(x) for x in b)
-    draws = []
-    for _ in range(n):
-        idx = [rng.randrange(n_rec) for _ in range(n_rec)]
-        fa = statistics.fmean(micro_f1([x[i] for i in idx]) for x in a)
-        fb = statistics.fmean(micro_f1([x[i] for i in idx]) for x in b)
-        draws.append(fa - fb)
-    draws.sort()
-    return {"diff": diff, "lo": draws[int(0.025 * n)], "hi": draws[int(0.975 * n) - 1]}
-
-
-def bootstrap_se(a: list[list[tuple]], n: int = 2000, seed: int = 1) -> float:
-    rng = random.Random(seed)
-    n_rec = len(a[0])
-    draws = [statistics.fmean(micro_f1([x[rng.randrange(n_rec)] for _ in range(n_rec)]) for x in a)
-             for _ in range(n)]
-    return statistics.stdev(draws)
 
 
 def lora_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -359,14 +342,14 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     se_tt = bootstrap_se(counts["target_only"][tt]) if "target_only" in counts else None
     verdicts = {}
     for m in (x for x in FUSED if x in counts):
-        vs = {c: bootstrap(counts[m][st], counts[c][st]) for c in CONTROLS if c in counts}
+        vs = {c: paired_bootstrap(counts[m][st], counts[c][st]) for c in CONTROLS if c in counts}
         gap = ((mean[m][st] - base_st) / (ref_f1 - base_st)) if base_st is not None and ref_f1 > base_st else None
         keeps = None if se_tt is None else mean[m][tt] >= mean["target_only"][tt] - se_tt
         beats = bool(vs) and all(v["lo"] > 0 for v in vs.values())
         verdicts[m] = {"vs_controls": vs, "gap_recovered": gap, "keeps_target_task": keeps,
                        "beats_every_control": beats,
                        "pass": bool(beats and gap is not None and gap >= 0.6 and keeps)}
-    nets_vs_distill = (bootstrap(counts["heterofusion"][st], counts["distill_only"][st])
+    nets_vs_distill = (paired_bootstrap(counts["heterofusion"][st], counts["distill_only"][st])
                        if {"heterofusion", "distill_only"} <= set(counts) else None)
 
     def cell(values: list[float]) -> str:

@@ -89,10 +89,8 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
 
 
 def test_paired_bootstrap_and_micro_f1():
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from benchmark_quality import bootstrap
-
     from hetero_ray.contrib.evaluate import micro_f1
+    from hetero_ray.contrib.evaluate import paired_bootstrap as bootstrap
 
     better = [[(1, 1, 1)] * 60 + [(0, 1, 1)] * 40]  # F1 0.6
     worse = [[(1, 1, 1)] * 30 + [(0, 1, 1)] * 70]  # F1 0.3, the same records

@@ -19,7 +19,9 @@ answers without ``:`` mean ``label``; otherwise ``ner``) unless given.
 from __future__ import annotations
 
 import json
+import random
 import re
+import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +130,32 @@ def micro_f1(counts: Sequence[Sequence[int]]) -> float:
     return 2 * correct / (predicted + gold) if predicted + gold else 0.0
 
 
+def paired_bootstrap(a: Sequence[Sequence[Sequence[int]]], b: Sequence[Sequence[Sequence[int]]], n: int = 2000,
+                     seed: int = 0) -> dict[str, float]:
+    """Paired bootstrap over records of mean-over-seeds micro F1(a) - F1(b). ``a``, ``b``: per seed, per record
+    (correct, predicted, gold) counts, the same records in the same order. Returns the observed difference and
+    the 95% percentile interval."""
+    rng = random.Random(seed)
+    n_rec = len(a[0])
+    diff = statistics.fmean(micro_f1(x) for x in a) - statistics.fmean(micro_f1(x) for x in b)
+    draws = []
+    for _ in range(n):
+        idx = [rng.randrange(n_rec) for _ in range(n_rec)]
+        draws.append(statistics.fmean(micro_f1([x[i] for i in idx]) for x in a)
+                     - statistics.fmean(micro_f1([x[i] for i in idx]) for x in b))
+    draws.sort()
+    return {"diff": diff, "lo": draws[int(0.025 * n)], "hi": draws[int(0.975 * n) - 1]}
+
+
+def bootstrap_se(a: Sequence[Sequence[Sequence[int]]], n: int = 2000, seed: int = 1) -> float:
+    """Bootstrap standard error over records of the mean-over-seeds micro F1."""
+    rng = random.Random(seed)
+    n_rec = len(a[0])
+    draws = [statistics.fmean(micro_f1([x[rng.randrange(n_rec)] for _ in range(n_rec)]) for x in a)
+             for _ in range(n)]
+    return statistics.stdev(draws)
+
+
 @torch.no_grad()
 def answer_loss(model, tokenizer, records: Sequence[Mapping], batch_size: int = 16, max_length: int = 256) -> float:
     """Mean cross-entropy of the gold answers (+ EOS) given the prompts, over all answer tokens."""
@@ -153,6 +181,7 @@ class TaskResult:
     n: int
     metrics: dict[str, float]
     samples: list[dict] = field(default_factory=list)
+    counts: list[tuple[int, int, int]] = field(default_factory=list)  # per record, for paired bootstraps
 
 
 def evaluate_model(model, tokenizer, tasks: Mapping[str, Sequence[Mapping]], batch_size: int = 16,
@@ -168,7 +197,7 @@ def evaluate_model(model, tokenizer, tasks: Mapping[str, Sequence[Mapping]], bat
         metrics = score(kind, preds, golds)
         if with_loss:
             metrics["answer_loss"] = answer_loss(model, tokenizer, records, batch_size, max_length)
-        results[name] = TaskResult(name, kind, len(records), metrics, samples)
+        results[name] = TaskResult(name, kind, len(records), metrics, samples, example_counts(kind, preds, golds))
     return results
 
 

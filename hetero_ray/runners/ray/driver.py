@@ -223,12 +223,12 @@ def claim_run(fs: pafs.FileSystem, run_dir: str, spec: FusionSpec) -> bool:
 def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[dict], None] | None = None
          ) -> FusionResult:
     """Run the whole fusion on Ray (starting a local instance when no cluster is given). Re-running the
-    same spec resumes its run by name: from the latest checkpoint, or straight to writing when finished."""
+    same spec resumes its run by name: from the latest checkpoint, or straight to writing when finished.
+    Called through :func:`hetero_ray.strategies.run_strategy`, which checks every input first (once)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     require_trained(spec)
-    spec.check_files()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     opened = open_and_align(spec)  # headers only: shapes and families; the actors read the tensors
