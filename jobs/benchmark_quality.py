@@ -57,7 +57,7 @@ SIZES = {
     "cpu": dict(expert_steps=40, expert_batch=4, test_n=100, teach_n=120, replay_n=32, epochs=1, batch_size=4,
                 grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, lr=5e-4, seeds=[0, 1, 2, 3, 4],
                 val_n=50, lr_grid=[5e-4, 1e-3, 2e-3]),
-    # tiny local models, seconds: exercises every stage (tests/test_benchmark_quality.py)
+    # tiny local models, seconds: exercises every stage (tests/jobs/test_benchmark_quality.py)
     "smoke": dict(expert_steps=3, expert_batch=2, test_n=6, teach_n=6, replay_n=4, epochs=1, batch_size=2,
                   grad_accum=1, max_length=96, max_new_tokens=8, extra_rank=2, lr=1e-3, seeds=[0, 1],
                   val_n=4, lr_grid=[1e-3, 3e-3]),

@@ -21,7 +21,7 @@ from hetero_ray.runners.local import fuse_local
 from tests.helpers import make_spec
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC_OVERRIDES = {"cluster.workers": 2, "cluster.zero_stage": 3, "cluster.cpus_per_worker": 1}
 
 

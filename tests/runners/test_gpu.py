@@ -1,5 +1,5 @@
 """The in-process fusion on a GPU (`cluster.use_gpu`) matches the CPU run. Skipped without CUDA (CI has none);
-run on a GPU machine with `python -m pytest -q tests/test_gpu.py`."""
+run on a GPU machine with `python -m pytest -q tests/runners/test_gpu.py`."""
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ import yaml
 
 from hetero_ray.contrib import tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["target_only", "heterofusion", "distill_only", "zero_sources", "wrong_task_expert"]
 
 

@@ -24,7 +24,7 @@ from hetero_ray.io.adapters import CONFIG_NAME, WEIGHTS_NAME
 from hetero_ray.io.outputs import OUTPUT_MARKER, atomic_output_dir
 from tests.helpers import Workspace, tree_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_overwrite_replaces_an_earlier_output_and_a_failed_write_keeps_it(tmp_path):
