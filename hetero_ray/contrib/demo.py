@@ -257,8 +257,8 @@ def demo_verdict(results: dict, target_task: str, source_tasks: list[str]) -> di
         gained = [t for t, p in per_task.items() if p["gains"]]
         lines.append(f"**{m}**: " + "; ".join(
             f"{t} {p['vs']['target-only']['diff']:+.3f} over target-only "
-            f"[{p['vs']['target-only']['lo']:+.3f}, {p['vs']['target-only']['hi']:+.3f}], over the controls "
-            + ", ".join(f"{v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" for c, v in p["vs"].items()
+            f"[{p['vs']['target-only']['lo']:+.3f}, {p['vs']['target-only']['hi']:+.3f}], over "
+            + ", ".join(f"{c} {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]" for c, v in p["vs"].items()
                         if c != "target-only") for t, p in per_task.items())
             + f"; {target_task} kept within 1 SE ({se:.3f}): {'yes' if kept else 'no'}. "
             + (f"It carries the sources' knowledge ({', '.join(gained)}: above target-only and every control, "
