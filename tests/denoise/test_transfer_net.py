@@ -95,3 +95,19 @@ def test_rdm_matches_direct_sliced_wasserstein():
     near = rdm(torch.randn(4000, 8), 0.0, 1.0, 64, torch.Generator().manual_seed(0))
     far = rdm(torch.randn(4000, 8) + 3, 0.0, 1.0, 64, torch.Generator().manual_seed(0))
     assert near < 0.05 * far
+
+
+def test_rdm_sorts_contiguously_with_the_values_and_gradients_of_the_plain_form():
+    def plain(z, g):  # the authors' layout: samples x projections, sorted along the samples
+        zp = F.relu(z)
+        yp = F.relu(torch.randn(z.shape, generator=g, dtype=z.dtype))
+        u = torch.randn(z.shape[1], 256, generator=g, dtype=z.dtype)
+        u = u / u.norm(dim=0, keepdim=True)
+        return ((torch.sort(zp @ u, dim=0)[0] - torch.sort(yp @ u, dim=0)[0]) ** 2).mean()
+
+    z = torch.randn(96, 16, dtype=torch.float64, requires_grad=True)
+    a = plain(z, torch.Generator().manual_seed(3))
+    b = rdm(z, num_projections=256, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a, b, rtol=1e-12)
+    (ga,), (gb,) = torch.autograd.grad(a, z), torch.autograd.grad(b, z)
+    assert torch.allclose(ga, gb, rtol=1e-10, atol=1e-14) and ga.abs().sum() > 0
