@@ -87,8 +87,12 @@ def main() -> None:
 
     result = fuse_local(spec)
     steps = result.history[1:] or result.history  # the first step also pays one-time costs
-    net_s = sum(h["time_net_s"] for h in steps) / len(steps)
-    target_s = sum(h["time_target_s"] for h in steps) / len(steps)
+    def mean(key: str) -> float:
+        return sum(h[key] for h in steps) / len(steps)
+
+    # the transfer networks' share counts their forward, RDM, backward and the optimizer step
+    net_s, target_s = mean("time_net_s"), mean("time_target_s")
+    parts = {k: round(mean(f"time_{k}_s"), 4) for k in ("nets_forward", "rdm", "nets_backward", "optimizer", "target")}
     table = {
         "settings": vars(args), "zoo_build_s": round(build_s, 2), "adapter_bytes": n_bytes,
         "candidates": n_cand, "block_size": block,
@@ -96,6 +100,7 @@ def main() -> None:
         "alignment_over_raw_time": round(align_s / raw_s, 1),
         "step_s": round(net_s + target_s, 4), "step_transfer_net_s": round(net_s, 4),
         "step_target_model_s": round(target_s, 4), "transfer_net_share": round(net_s / (net_s + target_s), 3),
+        "step_parts_s": parts,
     }
     print(json.dumps(table, indent=2))
 

@@ -109,7 +109,7 @@ class FusionObjective:
         leaves = {p: d.detach().requires_grad_(True) for p, d in deltas.items()}
         extra_leaves = {p: (a.detach().requires_grad_(True), b.detach().requires_grad_(True))
                         for p, (a, b) in extra.items()}
-        t_net = time.perf_counter() - t0
+        t1 = time.perf_counter()
         self.patch.set(leaves, extra_leaves)
         sums: dict[str, float] = {}
         for micro, data, terms in ((step.replay, self.examples, self.replay_terms),
@@ -122,10 +122,11 @@ class FusionObjective:
                 for n, v in values.items():
                     sums[n] = sums.get(n, 0.0) + v / max(len(micro), 1)
         self.patch.clear()
-        t1 = time.perf_counter()
+        t2 = time.perf_counter()
         lam = self.method.lambda_reg * self.weights.get("paper", 0.0)
         reg = group_rdm(outputs, self.groups, self.generator, self.method.mu_target, self.method.sigma_target,
                         self.method.num_projections) if lam > 0 else torch.zeros(())
+        t3 = time.perf_counter()
         surrogate = lam * reg
         for p, d in deltas.items():
             if leaves[p].grad is not None:
@@ -134,15 +135,18 @@ class FusionObjective:
             la, lb = extra_leaves[p]
             if la.grad is not None:
                 surrogate = surrogate + (a * la.grad).sum() + (b * lb.grad).sum()
-        t_net += time.perf_counter() - t1
+        t4 = time.perf_counter()
         metrics = {
             "lm_loss": sums.get("paper", sums.get("distill", 0.0)),
             "terms": sums,
             "rdm": float(reg.detach()),
             "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
             "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
-            "time_net_s": t_net,
-            "time_target_s": time.perf_counter() - t0 - t_net,
+            # the step's parts (seconds); the caller adds the nets' backward and the optimizer step
+            # (:func:`time_step`), after which ``time_net_s`` is the nets' whole share of the step
+            "time_nets_forward_s": (t1 - t0) + (t4 - t3),
+            "time_target_s": t2 - t1,  # the frozen target's forward and backward, every micro-batch
+            "time_rdm_s": t3 - t2,
         }
         return surrogate, metrics
 
@@ -166,6 +170,17 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
 
 
+def time_step(metrics: dict, nets_backward_s: float, optimizer_s: float) -> dict:
+    """Complete a window's timings with the nets' backward and the optimizer step: ``time_net_s`` is then
+    everything the transfer networks cost (forward, RDM, backward, optimizer) and ``time_step_s`` the step."""
+    metrics["time_nets_backward_s"] = nets_backward_s
+    metrics["time_optimizer_s"] = optimizer_s
+    metrics["time_net_s"] = (metrics["time_nets_forward_s"] + metrics["time_rdm_s"] + nets_backward_s
+                             + optimizer_s)
+    metrics["time_step_s"] = metrics["time_net_s"] + metrics["time_target_s"]
+    return metrics
+
+
 def fit(
     net: nn.Module,
     objective: FusionObjective,
@@ -181,12 +196,15 @@ def fit(
     history = []
     for step, window in enumerate(windows):
         surrogate, metrics = objective.window(net, window)
+        t0 = time.perf_counter()
         surrogate.backward()
+        t1 = time.perf_counter()
         if training.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        time_step(metrics, t1 - t0, time.perf_counter() - t1)
         metrics.update(step=step + 1, total_steps=len(windows), lr=scheduler.get_last_lr()[0])
         history.append(metrics)
         if on_step:

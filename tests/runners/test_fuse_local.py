@@ -114,6 +114,17 @@ def test_training_lowers_loss_and_export_matches_patched_model(zoo, fused_run):
         assert (result.output / name).stat().st_size > 2000
 
 
+def test_step_time_is_split_into_parts_that_add_up(fused_run):
+    _, result = fused_run
+    parts = ("nets_forward", "rdm", "nets_backward", "optimizer", "target")
+    for h in result.history:
+        assert all(h[f"time_{p}_s"] >= 0 for p in parts), h
+        assert h["time_rdm_s"] > 0 and h["time_nets_backward_s"] > 0 and h["time_optimizer_s"] > 0
+        # the nets' share counts their forward, RDM, backward and the optimizer step, not the forward alone
+        assert h["time_net_s"] == pytest.approx(sum(h[f"time_{p}_s"] for p in parts[:4]))
+        assert h["time_step_s"] == pytest.approx(h["time_net_s"] + h["time_target_s"])
+
+
 def test_same_seed_same_output(zoo, fused_run, tmp_path):
     spec, first = fused_run
     again = fuse_local(spec.model_copy(update={"output": tmp_path / "again"}))

@@ -92,7 +92,7 @@ def train_loop(config: dict) -> None:
     from hetero_ray.runners.prepare import build_net, objective_weights, open_target
     from hetero_ray.runners.ray.faults import maybe_fail
     from hetero_ray.train.target import load_target
-    from hetero_ray.train.trainer import FusionObjective, cosine_schedule
+    from hetero_ray.train.trainer import FusionObjective, cosine_schedule, time_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -135,8 +135,11 @@ def train_loop(config: dict) -> None:
     for step in range(start, len(windows)):
         maybe_fail("worker", step)
         surrogate, metrics = objective.window(engine, windows[step])
+        t0 = time.perf_counter()
         engine.backward(surrogate)
+        t1 = time.perf_counter()
         engine.step()
+        time_step(metrics, t1 - t0, time.perf_counter() - t1)
         metrics.update(step=step + 1, total_steps=len(windows), lr=scheduler.get_last_lr()[0], rank=rank)
         history.append(metrics)
         done = step + 1
