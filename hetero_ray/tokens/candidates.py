@@ -115,7 +115,7 @@ def candidates_to_arrow(candidates: Iterable[Candidate]) -> pa.Table:
 def _flat_list_array(chunks: list[np.ndarray]) -> pa.Array:
     offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
     np.cumsum([len(c) for c in chunks], out=offsets[1:])
-    values = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    values = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
