@@ -23,6 +23,7 @@ Stages (each timed):
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,6 +113,8 @@ def run_demo(run_dir: str | Path, quick: bool = False, seed: int = 0, use_ray: b
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars for every tiny model; the demo shows its own
+    if "OMP_NUM_THREADS" not in os.environ:  # tiny matmuls: more threads than cores only adds contention
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     size = DemoSize.of(quick)
