@@ -99,3 +99,40 @@ def test_paired_bootstrap_and_micro_f1():
     assert ci["diff"] == pytest.approx(0.3) and 0 < ci["lo"] < 0.3 < ci["hi"]
     same = bootstrap(better, better, n=200)
     assert same["lo"] == same["hi"] == 0
+
+
+def _adapter(path, tensors, r, alpha):
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": alpha}))
+    return path
+
+
+def test_update_ratio_is_the_dense_frobenius_ratio_whatever_the_ranks(tmp_path):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from benchmark_quality import update_ratio
+
+    g = torch.Generator().manual_seed(0)
+    key = "base_model.model.layers.0.q_proj.lora_{}.weight"
+    at, bt = torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)
+    af, bf = torch.randn(6, 12, generator=g), torch.randn(10, 6, generator=g)  # rank 6, another alpha
+    target = _adapter(tmp_path / "t", {key.format("A"): at, key.format("B"): bt}, 4, 8)
+    fused = _adapter(tmp_path / "f", {key.format("A"): af, key.format("B"): bf}, 6, 3)
+    wt, wf = 2.0 * bt @ at, 0.5 * bf @ af
+    expected = float((wf - wt).norm() / wt.norm())
+    assert update_ratio(fused, target) == pytest.approx(expected, rel=1e-6)
+    assert update_ratio(target, target) < 1e-6
+
+
+def test_lr_choice_keeps_the_target_task_then_takes_the_best_source_score():
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from benchmark_quality import choose_lr
+
+    val = {1e-3: {"t": 0.30, "s": 0.20}, 2e-3: {"t": 0.20, "s": 0.40}, 5e-4: {"t": 0.31, "s": 0.15}}
+    assert choose_lr(val, target_val=0.30, se=0.05, tt="t", st="s") == 1e-3  # 2e-3 drops the target task
+    assert choose_lr(val, target_val=0.30, se=0.20, tt="t", st="s") == 2e-3  # within 1 SE: the best source
+    assert choose_lr(val, target_val=0.90, se=0.01, tt="t", st="s") == 2e-3  # none keeps it: best source
