@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -54,12 +55,13 @@ class DemoSize:
     replay_n: int  # labelled target-task records
     teach_n: int  # unlabelled prompts per source task
     epochs: int
+    lr: float = 5e-3  # fusion
 
     @classmethod
     def of(cls, quick: bool) -> DemoSize:
         if quick:
             return cls({"llama": (64, 2), "qwen2": (48, 2), "gemma3": (48, 2)}, 200, 120, 160, 40, 24, 48, 2)
-        return cls({"llama": (128, 4), "qwen2": (96, 3), "gemma3": (80, 2)}, 500, 300, 200, 60, 32, 64, 16)
+        return cls({"llama": (96, 3), "qwen2": (80, 2), "gemma3": (80, 2)}, 250, 400, 200, 60, 96, 64, 10)
 
 
 @dataclass
@@ -108,110 +110,250 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None, file=terminal())
 
 
+def demo_jobs() -> int:
+    """How many of the demo's jobs run at once: one per core this process may use. Each job runs on one
+    thread, so the numbers the demo prints do not depend on it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_worker() -> None:
+    from hetero_ray.console import silence_libraries
+
+    torch.set_num_threads(1)  # tiny matmuls: a thread per job, the jobs side by side on the cores
+    silence_libraries()
+
+
+@dataclass
+class Job:
+    """One of the demo's jobs: ``fn(*args(results))`` in a worker, once the jobs named in ``needs`` are done
+    (``args`` receives their results by name); ``stage`` names what it belongs to."""
+
+    stage: str
+    fn: Callable
+    args: Callable[[dict[str, Any]], tuple]
+    needs: tuple[str, ...] = ()
+
+
+class _Jobs:
+    """The demo's jobs (pre-training each base, training each expert, each fusion, each evaluation) over
+    worker processes of one thread each. A job starts as soon as what it needs is done, in the order given
+    among those ready: an expert trains while another base still pre-trains, a fused adapter is evaluated
+    while the next fusion runs."""
+
+    def __init__(self, n: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = n
+        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_worker)
+
+    def run(self, jobs: dict[str, Job], done: Callable[[str, Any], None] | None = None,
+            results: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+        """Every job's result by name, and each stage's end (seconds from the call) . ``results``: jobs
+        already done (their dependents start at once)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        start = time.perf_counter()
+        results = dict(results or {})
+        pending = {n: j for n, j in jobs.items() if n not in results}
+        running: dict = {}
+        ends: dict[str, float] = {}
+        bar = _bar(len(pending), "demo")
+        try:
+            while pending or running:
+                for name, job in list(pending.items()):
+                    if all(d in results for d in job.needs):
+                        running[self.pool.submit(job.fn, *job.args(results))] = name
+                        del pending[name]
+                if not running:
+                    raise RuntimeError(f"demo jobs wait on jobs that are not there: {sorted(pending)}")
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    results[name] = future.result()
+                    ends[jobs[name].stage] = time.perf_counter() - start
+                    bar.set_description(jobs[name].stage)
+                    bar.update()
+                    if done:
+                        done(name, results[name])
+        finally:
+            bar.close()
+        return results, ends
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _base_job(family: str, base: Path, tokenizer_dir: Path, hidden: int, layers: int, steps: int, seed: int
+              ) -> float:
+    from hetero_ray.train.replay import load_tokenizer
+
+    tiny.build_tiny_model(family, base, seed=seed, tokenizer=load_tokenizer(tokenizer_dir), hidden_size=hidden,
+                          intermediate_size=2 * hidden, num_hidden_layers=layers)
+    loss = _pretrain(base, steps, seed)
+    (base / "pretrained.json").write_text(json.dumps({"steps": steps, "loss": loss}))
+    return loss
+
+
+def _expert_job(cache: Path, name: str, base: Path, records: list[dict], settings: ExpertSettings
+                ) -> tuple[Path, dict]:
+    return cached_expert(cache, name, base, records, settings)
+
+
+def _fuse_job(spec_file: Path) -> Path:
+    from hetero_ray.spec import load_spec
+    from hetero_ray.strategies import run_strategy
+
+    return run_strategy(load_spec(spec_file), use_ray=False)
+
+
+def _eval_job(base: Path, adapter: Path | None, tasks: dict[str, list[dict]]) -> dict:
+    model, tok = load_model(base, adapter)
+    return evaluate_model(model, tok, tasks, batch_size=32, max_new_tokens=32, max_length=96)
+
+
 def run_demo(run_dir: str | Path, quick: bool = False, seed: int = 0, use_ray: bool = False, workers: int = 2,
-             zero_stage: int = 3, echo: Callable[[str], None] = print) -> DemoResult:
+             zero_stage: int = 3, echo: Callable[[str], None] = print, jobs: int | None = None) -> DemoResult:
+    """The demo in ``run_dir`` (bases, experts and fused adapters already there are reused). ``jobs``:
+    worker processes for its independent jobs (default: one per core)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars for every tiny model; the demo shows its own
-    if "OMP_NUM_THREADS" not in os.environ:  # tiny matmuls: more threads than cores only adds contention
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     size = DemoSize.of(quick)
     timings: dict[str, float] = {}
+    pool = _Jobs(min(jobs or demo_jobs(), 6))
+    try:
+        return _run_demo(run_dir, size, quick, seed, use_ray, workers, zero_stage, echo, pool, timings)
+    finally:
+        pool.close()
 
-    # 1. tokenizer and pre-trained bases
-    t0 = time.perf_counter()
-    tokenizer = tiny.build_tokenizer(vocab_size=512, texts=tiny.task_corpus())
-    bases: dict[str, Path] = {}
-    for i, (family, (hidden, layers)) in enumerate(size.widths.items()):
-        base = run_dir / "models" / f"{family}-h{hidden}-l{layers}-p{size.pretrain_steps}-s{seed + i}"
-        if not (base / "pretrained.json").is_file():
-            tiny.build_tiny_model(family, base, seed=seed + i, tokenizer=tokenizer, hidden_size=hidden,
-                                  intermediate_size=2 * hidden, num_hidden_layers=layers)
-            bar = _bar(size.pretrain_steps, f"pre-train {family} base")
-            loss = _pretrain(base, size.pretrain_steps, seed + i, lambda _, b=bar: b.update())
-            bar.close()
-            (base / "pretrained.json").write_text(json.dumps({"steps": size.pretrain_steps, "loss": loss}))
-            echo(f"  {family}: hidden {hidden}, {layers} layers, pre-training loss {loss:.3f}")
-        bases[family] = base
-    timings["bases_s"] = time.perf_counter() - t0
 
-    # 2. tasks and experts
-    t0 = time.perf_counter()
+def _run_demo(run_dir: Path, size: DemoSize, quick: bool, seed: int, use_ray: bool, workers: int, zero_stage: int,
+              echo: Callable[[str], None], pool: _Jobs, timings: dict[str, float]) -> DemoResult:
+    # the data: each task's train and held-out splits, and unlabelled prompts of the source tasks drawn apart
+    # from both (inputs the source experts never trained on)
     data = run_dir / "data"
     data.mkdir(exist_ok=True)
     tasks = [task for _, task, _ in DEMO_EXPERTS.values()]
+    target_task = DEMO_EXPERTS["target"][1]
+    source_roles = ("source-1", "source-2")
+    source_tasks = [DEMO_EXPERTS[r][1] for r in source_roles]
     test = {t: tiny.task_records(t, size.test_n, seed=1000 + seed) for t in tasks}
     for t in tasks:
         tiny.write_jsonl(tiny.task_records(t, size.train_n, seed=seed), data / f"{t}-train.jsonl")
         tiny.write_jsonl(test[t], data / f"{t}-test.jsonl")
-    experts: dict[str, Path] = {}
-    for role, (family, task, rank) in DEMO_EXPERTS.items():
-        records = tiny.task_records(task, size.train_n, seed=seed)
-        settings = ExpertSettings(rank=rank, alpha=2 * rank,
-                                  targets=tuple(tiny.lora_targets(family)), steps=size.expert_steps, lr=5e-3,
-                                  batch_size=16, max_length=96, seed=seed, extra={"task": task})
-        bar = _bar(size.expert_steps, f"expert {family}/{task}")
-        path, card = cached_expert(run_dir / "experts", f"{family}-{task}", bases[family], records, settings,
-                                   on_step=lambda m, b=bar: (b.update(), b.set_postfix(loss=f"{m['loss']:.3f}")))
-        bar.close()
-        experts[role] = path
-        echo(f"  expert {family}/{task} (rank {settings.rank}): loss {card['loss_first']:.3f} -> "
-             f"{card['loss_last']:.3f}")
-    timings["experts_s"] = time.perf_counter() - t0
-
-    # 3. fusion: movie replay (labelled), restaurant / vehicle prompts (unlabelled), each answered by its expert
-    t0 = time.perf_counter()
-    target_task = DEMO_EXPERTS["target"][1]
-    source_tasks = [DEMO_EXPERTS[r][1] for r in ("source-1", "source-2")]
-    for t in source_tasks:  # a draw of their own: inputs the source experts never trained on
+    for t in source_tasks:
         tiny.write_jsonl([{k: v for k, v in r.items() if k != "output"}
                           for r in tiny.task_records(t, size.teach_n, seed=2000 + seed)], data / f"{t}-prompts.jsonl")
-    spec_data = {
-        "seed": seed,
-        "overwrite": True,
-        "target": {"base": str(bases["llama"]), "adapter": str(experts["target"])},
-        "sources": [{"adapter": str(experts[r]), "id": DEMO_EXPERTS[r][0]} for r in ("source-1", "source-2")],
-        "replay": [{"path": str(data / f"{target_task}-train.jsonl"), "take": size.replay_n}],
-        "teach": {"prompts": [{"path": str(data / f"{t}-prompts.jsonl"), "sources": [DEMO_EXPERTS[r][0]]}
-                              for r, t in zip(("source-1", "source-2"), source_tasks, strict=True)],
-                  "max_new_tokens": 32, "batch_size": 32},
-        "objective": OBJECTIVE,
-        "method": {"net": "grounded", "extra_rank": 8},
-        "training": {"epochs": size.epochs, "lr": 5e-3, "grad_accum": 1, "batch_size": 8, "max_length": 96},
-        "cluster": {"workers": workers, "zero_stage": zero_stage, "storage": str(run_dir / "runs"),
-                    "cpus_per_worker": 1},
-    }
-    fused: dict[str, Path] = {}
-    for name in (*FUSED, *CONTROLS):
-        spec_file = run_dir / "specs" / f"{name}.yaml"
-        spec_file.parent.mkdir(exist_ok=True)
-        data_c = {**spec_data, "strategy": name,  # no name: the run is named by the spec's hash
-                  "output": str(run_dir / "fused" / name)}
-        spec_file.write_text(yaml.safe_dump(data_c, sort_keys=False))
-        fused[name] = _fuse(spec_file, use_ray)
-        echo(f"  fused: {name} -> {fused[name]}")
-    timings["fusion_s"] = time.perf_counter() - t0
+    tokenizer_dir = run_dir / "models" / "tokenizer"
+    tiny.build_tokenizer(tokenizer_dir, vocab_size=512, texts=tiny.task_corpus())
 
-    # 4. evaluation
-    t0 = time.perf_counter()
-    adapters = {"target-only": experts["target"], **fused}
-    results = {}
-    bar = _bar(len(adapters) + 2, "evaluate")
-    for name, adapter in adapters.items():
-        model, tok = load_model(bases["llama"], adapter)
-        results[name] = evaluate_model(model, tok, test, batch_size=32, max_new_tokens=32, max_length=96)
-        bar.update()
-    # for reference: each source expert on its own base and task (what there is to transfer)
-    for role in ("source-1", "source-2"):
+    jobs: dict[str, Job] = {}
+    done_before: dict[str, Any] = {}
+    # 1. pre-trained bases (kept in the run directory)
+    bases = {family: run_dir / "models" / f"{family}-h{hidden}-l{layers}-p{size.pretrain_steps}-s{seed + i}"
+             for i, (family, (hidden, layers)) in enumerate(size.widths.items())}
+    for i, family in enumerate(size.widths):
+        if (bases[family] / "pretrained.json").is_file():
+            done_before[f"base:{family}"] = json.loads((bases[family] / "pretrained.json").read_text())["loss"]
+        jobs[f"base:{family}"] = Job("bases", _base_job, lambda _, f=family, i=i: (
+            f, bases[f], tokenizer_dir, *size.widths[f], size.pretrain_steps, seed + i))
+    # 2. an expert per task on its own family, once that family's base is there
+    for role, (family, task, rank) in DEMO_EXPERTS.items():
+        settings = ExpertSettings(rank=rank, alpha=2 * rank, targets=tuple(tiny.lora_targets(family)),
+                                  steps=size.expert_steps, lr=5e-3, batch_size=16, max_length=96, seed=seed,
+                                  extra={"task": task})
+        jobs[f"expert:{role}"] = Job("experts", _expert_job, lambda _, f=family, t=task, st=settings: (
+            run_dir / "experts", f"{f}-{t}", bases[f], tiny.task_records(t, size.train_n, seed=seed), st),
+            needs=(f"base:{family}",))
+    experts_needed = tuple(f"expert:{r}" for r in DEMO_EXPERTS)
+
+    # 3. fusion: movie replay (labelled), restaurant / vehicle prompts (unlabelled), each answered by its expert
+    def spec_file(name: str, results: dict[str, Any]) -> Path:
+        experts = {r: results[f"expert:{r}"][0] for r in DEMO_EXPERTS}
+        spec_data = {
+            "strategy": name,
+            "seed": seed,
+            "output": str(run_dir / "fused" / name),  # no name: the run is named by the spec's hash
+            "overwrite": True,
+            "target": {"base": str(bases["llama"]), "adapter": str(experts["target"])},
+            "sources": [{"adapter": str(experts[r]), "id": DEMO_EXPERTS[r][0]} for r in source_roles],
+            "replay": [{"path": str(data / f"{target_task}-train.jsonl"), "take": size.replay_n}],
+            "teach": {"prompts": [{"path": str(data / f"{t}-prompts.jsonl"), "sources": [DEMO_EXPERTS[r][0]]}
+                                  for r, t in zip(source_roles, source_tasks, strict=True)],
+                      "max_new_tokens": 32, "batch_size": 32},
+            "objective": OBJECTIVE,
+            "method": {"net": "grounded", "extra_rank": 8},
+            "training": {"epochs": size.epochs, "lr": size.lr, "grad_accum": 1, "batch_size": 8,
+                         "max_length": 96},
+            "cluster": {"workers": workers, "zero_stage": zero_stage, "storage": str(run_dir / "runs"),
+                        "cpus_per_worker": 1},
+        }
+        path = run_dir / "specs" / f"{name}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump(spec_data, sort_keys=False))
+        return path
+
+    # the longest runs first, distill_only (no transfer nets) last: it then finds the real experts' teacher
+    # signals that heterofusion put in the cache seconds into its run, instead of computing them beside it
+    order = ("zero_sources", "heterofusion", "random_sources", "distill_only")
+    for name in order:
+        jobs[f"fuse:{name}"] = Job("fusion", _fuse_job, lambda r, n=name: (spec_file(n, r),), needs=experts_needed)
+
+    # 4. evaluation of each adapter once it is there; for reference, each source expert on its own base and task
+    # (what there is to transfer)
+    jobs["eval:target-only"] = Job("eval", _eval_job, lambda r: (bases["llama"], r["expert:target"][0], test),
+                                   needs=("expert:target",))
+    for role in source_roles:
         family, task, _ = DEMO_EXPERTS[role]
-        model, tok = load_model(bases[family], experts[role])
-        results[f"({family} expert, own base)"] = evaluate_model(model, tok, {task: test[task]}, 32, 32,
-                                                                 max_length=96)
-        bar.update()
-    bar.close()
-    timings["eval_s"] = time.perf_counter() - t0
+        jobs[f"eval:({family} expert, own base)"] = Job(
+            "eval", _eval_job, lambda r, f=family, t=task, ro=role: (bases[f], r[f"expert:{ro}"][0], {t: test[t]}),
+            needs=(f"expert:{role}",))
+    for name in order:
+        jobs[f"eval:{name}"] = Job("eval", _eval_job, lambda r, n=name: (bases["llama"], r[f"fuse:{n}"], test),
+                                   needs=(f"fuse:{name}",))
+
+    def report(name: str, out: Any) -> None:
+        kind, what = name.split(":", 1)
+        if kind == "base":
+            echo(f"  {what}: hidden {size.widths[what][0]}, {size.widths[what][1]} layers, "
+                 f"pre-training loss {out:.3f}")
+        elif kind == "expert":
+            family, task, rank = DEMO_EXPERTS[what]
+            echo(f"  expert {family}/{task} (rank {rank}): loss {out[1]['loss_first']:.3f} -> "
+                 f"{out[1]['loss_last']:.3f}")
+        elif kind == "fuse":
+            echo(f"  fused: {what} -> {out}")
+
+    if use_ray:  # fusions one at a time in this process, each spread over the Ray workers
+        before = {n: j for n, j in jobs.items() if not n.startswith(("fuse:", "eval:"))}
+        results, ends = pool.run(before, report, done_before)
+        t0 = time.perf_counter()
+        for name in order:
+            results[f"fuse:{name}"] = _fuse(spec_file(name, results), use_ray)
+            report(f"fuse:{name}", results[f"fuse:{name}"])
+        ends["fusion"] = max(ends.values()) + time.perf_counter() - t0
+        evals = {n: j for n, j in jobs.items() if n.startswith("eval:")}
+        results, eval_ends = pool.run(evals, report, results)
+        ends["eval"] = ends["fusion"] + eval_ends["eval"]
+    else:
+        results, ends = pool.run(jobs, report, done_before)
+    # each stage's time: from the end of the stage before to the end of its own last job (jobs of the next
+    # stage may have run beside it)
+    previous = 0.0
+    for stage in ("bases", "experts", "fusion", "eval"):
+        end = max(ends.get(stage, 0.0), previous)
+        timings[f"{stage}_s"] = end - previous
+        previous = end
+    fused = {name: results[f"fuse:{name}"] for name in (*FUSED, *CONTROLS)}
+    results = {name: results[f"eval:{name}"] for name in ("target-only", *FUSED, *CONTROLS)} | {
+        name[5:]: r for name, r in results.items() if name.startswith("eval:(")}
 
     table = {m: {t: r.metrics["score"] for t, r in per.items()} for m, per in results.items()}
     losses = {m: {t: r.metrics["answer_loss"] for t, r in per.items()} for m, per in results.items()}
@@ -227,11 +369,12 @@ def run_demo(run_dir: str | Path, quick: bool = False, seed: int = 0, use_ray: b
              if quick else "")
           + "\nAnswer loss (cross-entropy of the gold answers, lower is better) on the same splits.\n\n"
           + markdown_table(losses, [target_task, *source_tasks]))
-    md += "\nStage times: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()) + "\n"
+    md += ("\nStage times: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items())
+           + f" ({pool.workers} job{'s' if pool.workers > 1 else ''} at a time, one thread each)\n")
     (run_dir / "results.md").write_text(md)
-    write_results(run_dir / "results.json", results, {"timings": timings, "quick": quick, "seed": seed,
-                                                      "size": size.__dict__, "path": "ray" if use_ray else "local",
-                                                      "verdict": {k: v for k, v in verdict.items() if k != "text"}})
+    write_results(run_dir / "results.json", results, {
+        "timings": timings, "quick": quick, "seed": seed, "size": size.__dict__, "path": "ray" if use_ray else "local",
+        "jobs": pool.workers, "verdict": {k: v for k, v in verdict.items() if k != "text"}})
     echo("\n" + md)
     return DemoResult(run_dir, table, timings, fused, losses)
 

@@ -6,6 +6,7 @@ import json
 import zipfile
 
 import pytest
+import torch
 
 from hetero_ray.cli import main
 from hetero_ray.contrib import tiny
@@ -92,3 +93,32 @@ def test_expert_and_eval_commands(zoo, tmp_path, capsys):
     assert "| " + str(out) + " |" in capsys.readouterr().out
     res = json.loads((tmp_path / "eval" / "results.json").read_text())["results"][str(out)]["movie"]
     assert res["n"] == 4 and res["kind"] == "ner" and "f1" in res["metrics"]
+
+
+@pytest.mark.timeout(300)
+def test_demo_jobs_give_the_same_experts_whatever_runs_at_once(zoo, tmp_path):
+    """The demo's job pool: each job single-threaded and self-seeded, so one worker running the jobs in turn
+    and two running them side by side write identical adapters."""
+    from safetensors.torch import load_file
+
+    from hetero_ray.contrib.demo import _expert_job, _Jobs
+
+    settings = ExpertSettings(rank=4, alpha=8, targets=("q_proj", "v_proj"), steps=6, lr=5e-3, batch_size=4,
+                              max_length=64)
+    jobs = {t: (None, f"llama-{t}", zoo["llama-base"], tiny.task_records(t, 12, seed=0), settings)
+            for t in ("movie", "restaurant", "vehicle")}
+    written = {}
+    for n in (1, 2):
+        pool = _Jobs(n)
+        try:
+            done = []
+            out = pool.run(_expert_job, {t: (tmp_path / f"w{n}", *args[1:]) for t, args in jobs.items()}, "experts",
+                           lambda name, _, d=done: d.append(name))
+        finally:
+            pool.close()
+        assert list(out) == list(jobs) and sorted(done) == sorted(jobs)  # results in the order given
+        written[n] = {t: load_file(str(p / "adapter_model.safetensors")) for t, (p, _) in out.items()}
+    for t in jobs:
+        assert written[1][t].keys() == written[2][t].keys()
+        assert all(torch.equal(written[1][t][k], written[2][t][k]) for k in written[1][t])
+    assert not torch.equal(*(next(iter(written[1][t].values())) for t in ("movie", "restaurant")))
