@@ -101,7 +101,7 @@ def test_demo_jobs_give_the_same_experts_whatever_runs_at_once(zoo, tmp_path):
     and two running them side by side write identical adapters."""
     from safetensors.torch import load_file
 
-    from hetero_ray.contrib.demo import _expert_job, _Jobs
+    from hetero_ray.contrib.demo import Job, _expert_job, _Jobs
 
     settings = ExpertSettings(rank=4, alpha=8, targets=("q_proj", "v_proj"), steps=6, lr=5e-3, batch_size=4,
                               max_length=64)
@@ -112,12 +112,17 @@ def test_demo_jobs_give_the_same_experts_whatever_runs_at_once(zoo, tmp_path):
         pool = _Jobs(n)
         try:
             done = []
-            out = pool.run(_expert_job, {t: (tmp_path / f"w{n}", *args[1:]) for t, args in jobs.items()}, "experts",
-                           lambda name, _, d=done: d.append(name))
+            graph = {t: Job("experts", _expert_job, lambda _, a=(tmp_path / f"w{n}", *args[1:]): a)
+                     for t, args in jobs.items()}
+            # a job waiting on another starts only once that one is done, and receives its result
+            graph["after"] = Job("after", len, lambda r: (r["movie"][1],), needs=("movie",))
+            out, ends = pool.run(graph, lambda name, _, d=done: d.append(name))
         finally:
             pool.close()
-        assert list(out) == list(jobs) and sorted(done) == sorted(jobs)  # results in the order given
-        written[n] = {t: load_file(str(p / "adapter_model.safetensors")) for t, (p, _) in out.items()}
+        assert sorted(out) == sorted(graph) and sorted(done) == sorted(graph) and done.index("after") > \
+            done.index("movie")
+        assert out["after"] == len(out["movie"][1]) and set(ends) == {"experts", "after"}
+        written[n] = {t: load_file(str(out[t][0] / "adapter_model.safetensors")) for t in jobs}
     for t in jobs:
         assert written[1][t].keys() == written[2][t].keys()
         assert all(torch.equal(written[1][t][k], written[2][t][k]) for k in written[1][t])
