@@ -58,10 +58,20 @@ class DemoSize:
     lr: float = 5e-3  # fusion
 
     @classmethod
-    def of(cls, quick: bool) -> DemoSize:
-        if quick:
-            return cls({"llama": (64, 2), "qwen2": (48, 2), "gemma3": (48, 2)}, 200, 120, 160, 40, 24, 48, 2)
-        return cls({"llama": (96, 3), "qwen2": (80, 2), "gemma3": (80, 2)}, 250, 400, 200, 60, 96, 64, 10)
+    def of(cls, name: str) -> DemoSize:
+        if name not in DEMO_SIZES:
+            raise ValueError(f"demo size {name!r}: expected one of {', '.join(DEMO_SIZES)}")
+        return DEMO_SIZES[name]
+
+
+DEMO_SIZES = {
+    # CI's: models and experts this small learn little
+    "quick": DemoSize({"llama": (64, 2), "qwen2": (48, 2), "gemma3": (48, 2)}, 200, 120, 160, 40, 24, 48, 2),
+    # about 3 min on 2 cores
+    "default": DemoSize({"llama": (96, 3), "qwen2": (80, 2), "gemma3": (80, 2)}, 250, 400, 200, 60, 96, 64, 10),
+    # wider bases, longer pre-training and fusion: larger, steadier gains, several times the time
+    "large": DemoSize({"llama": (128, 4), "qwen2": (96, 3), "gemma3": (80, 2)}, 500, 300, 200, 60, 96, 64, 16),
+}
 
 
 @dataclass
@@ -205,10 +215,7 @@ def _expert_job(cache: Path, name: str, base: Path, records: list[dict], setting
 
 
 def _fuse_job(spec_file: Path) -> Path:
-    from hetero_ray.spec import load_spec
-    from hetero_ray.strategies import run_strategy
-
-    return run_strategy(load_spec(spec_file), use_ray=False)
+    return _fuse(spec_file, use_ray=False, bars=False)
 
 
 def _eval_job(base: Path, adapter: Path | None, tasks: dict[str, list[dict]]) -> dict:
@@ -216,7 +223,7 @@ def _eval_job(base: Path, adapter: Path | None, tasks: dict[str, list[dict]]) ->
     return evaluate_model(model, tok, tasks, batch_size=32, max_new_tokens=32, max_length=96)
 
 
-def run_demo(run_dir: str | Path, quick: bool = False, seed: int = 0, use_ray: bool = False, workers: int = 2,
+def run_demo(run_dir: str | Path, size: str = "default", seed: int = 0, use_ray: bool = False, workers: int = 2,
              zero_stage: int = 3, echo: Callable[[str], None] = print, jobs: int | None = None) -> DemoResult:
     """The demo in ``run_dir`` (bases, experts and fused adapters already there are reused). ``jobs``:
     worker processes for its independent jobs (default: one per core)."""
@@ -225,21 +232,21 @@ def run_demo(run_dir: str | Path, quick: bool = False, seed: int = 0, use_ray: b
     hf_logging.disable_progress_bar()  # weight-loading bars for every tiny model; the demo shows its own
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    size = DemoSize.of(quick)
+    size_name, size = size, DemoSize.of(size)
     timings: dict[str, float] = {}
     pool = _Jobs(min(jobs or demo_jobs(), 6))
     try:
-        return _run_demo(run_dir, size, quick, seed, use_ray, workers, zero_stage, echo, pool, timings)
+        return _run_demo(run_dir, size, size_name, seed, use_ray, workers, zero_stage, echo, pool, timings)
     finally:
         pool.close()
 
 
-def _run_demo(run_dir: Path, size: DemoSize, quick: bool, seed: int, use_ray: bool, workers: int, zero_stage: int,
+def _run_demo(run_dir: Path, size: DemoSize, size_name: str, seed: int, use_ray: bool, workers: int, zero_stage: int,
               echo: Callable[[str], None], pool: _Jobs, timings: dict[str, float]) -> DemoResult:
     # the data: each task's train and held-out splits, and unlabelled prompts of the source tasks drawn apart
     # from both (inputs the source experts never trained on)
-    data = run_dir / "data"
-    data.mkdir(exist_ok=True)
+    data = run_dir / "data" / f"{size_name}-s{seed}"  # the path names the content (fused runs are reused by path)
+    data.mkdir(parents=True, exist_ok=True)
     tasks = [task for _, task, _ in DEMO_EXPERTS.values()]
     target_task = DEMO_EXPERTS["target"][1]
     source_roles = ("source-1", "source-2")
@@ -366,14 +373,15 @@ def _run_demo(run_dir: Path, size: DemoSize, quick: bool, seed: int, use_ray: bo
           + markdown_table(table, [target_task, *source_tasks])
           + "\n" + verdict["text"]
           + ("(--quick: models and experts this small learn little; the default size is the demonstration.)\n"
-             if quick else "")
+             if size_name == "quick" else "")
           + "\nAnswer loss (cross-entropy of the gold answers, lower is better) on the same splits.\n\n"
           + markdown_table(losses, [target_task, *source_tasks]))
     md += ("\nStage times: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items())
            + f" ({pool.workers} job{'s' if pool.workers > 1 else ''} at a time, one thread each)\n")
     (run_dir / "results.md").write_text(md)
     write_results(run_dir / "results.json", results, {
-        "timings": timings, "quick": quick, "seed": seed, "size": size.__dict__, "path": "ray" if use_ray else "local",
+        "timings": timings, "size_name": size_name, "seed": seed, "size": size.__dict__,
+        "path": "ray" if use_ray else "local",
         "jobs": pool.workers, "verdict": {k: v for k, v in verdict.items() if k != "text"}})
     echo("\n" + md)
     return DemoResult(run_dir, table, timings, fused, losses)
@@ -415,13 +423,20 @@ def demo_verdict(results: dict, target_task: str, source_tasks: list[str]) -> di
     return out
 
 
-def _fuse(spec_file: Path, use_ray: bool) -> Path:
+def _fuse(spec_file: Path, use_ray: bool, bars: bool = True) -> Path:
+    """The fused adapter of ``spec_file``; one an earlier run of this very spec finished is reused (every input
+    path in the demo's specs names its content: bases by size and seed, experts by content key, data by size
+    and seed)."""
     from hetero_ray.progress import TerminalBars
     from hetero_ray.spec import load_spec
-    from hetero_ray.strategies import run_strategy
+    from hetero_ray.strategies import completed, run_strategy
 
-    bars = TerminalBars()
+    spec = load_spec(spec_file)
+    if completed(spec):
+        return spec.output
+    progress = TerminalBars() if bars else None
     try:
-        return run_strategy(load_spec(spec_file), use_ray=use_ray, on_progress=bars)
+        return run_strategy(spec, use_ray=use_ray, on_progress=progress)
     finally:
-        bars.close()
+        if progress:
+            progress.close()

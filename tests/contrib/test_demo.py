@@ -35,7 +35,7 @@ def test_demo_quick_runs_the_transfer_protocol_end_to_end(tmp_path):
             assert 0.0 <= r["metrics"]["f1"] <= 1.0 and r["metrics"]["answer_loss"] > 0 and r["n"] == 40
             assert len(r["counts"]) == 40
     assert set(results["timings"]) >= {"bases_s", "experts_s", "fusion_s", "eval_s", "total_s"}
-    assert results["path"] == "local"
+    assert results["path"] == "local" and results["size_name"] == "quick"
 
     # the protocol: no source-task label in training; each prompt file answered by its own domain's expert
     spec = yaml.safe_load((run_dir / "specs" / "distill_only.yaml").read_text())
@@ -43,7 +43,8 @@ def test_demo_quick_runs_the_transfer_protocol_end_to_end(tmp_path):
     routes = {p["path"].rsplit("/", 1)[1]: p["sources"] for p in spec["teach"]["prompts"]}
     assert routes == {"restaurant-prompts.jsonl": ["qwen2"], "vehicle-prompts.jsonl": ["gemma3"]}
     for name in routes:
-        assert all("output" not in json.loads(line) for line in (run_dir / "data" / name).read_text().splitlines())
+        lines = (run_dir / "data" / "quick-s0" / name).read_text().splitlines()
+        assert all("output" not in json.loads(line) for line in lines)
     report = json.loads((run_dir / "fused" / "distill_only" / "fusion_report.json").read_text())
     assert {k: v["answers"] for k, v in report["teacher"].items()} == {"qwen2": 48, "gemma3": 48}
 
@@ -67,3 +68,13 @@ def test_demo_quick_runs_the_transfer_protocol_end_to_end(tmp_path):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)),
                                       str(run_dir / "fused" / "distill_only"))
     assert any("lora_B" in n for n, _ in model.named_parameters())
+
+    # run again in the same directory: every base, expert and fused adapter is reused, the table is the same
+    fused = {p: p.stat().st_mtime_ns for p in (run_dir / "fused").glob("*/adapter_model.safetensors")}
+    again = subprocess.run([sys.executable, "-m", "hetero_ray.cli", "demo", "--size", "quick", "--out",
+                            str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(fused) == 4 and {p: p.stat().st_mtime_ns for p in fused} == fused
+    rerun = json.loads((run_dir / "results.json").read_text())
+    assert {m: {t: r["metrics"] for t, r in per.items()} for m, per in rerun["results"].items()} == \
+        {m: {t: r["metrics"] for t, r in per.items()} for m, per in results["results"].items()}
