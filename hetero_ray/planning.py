@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from hetero_ray.denoise.rdm import projections_for
 from hetero_ray.denoise.transfer_net import TransferNetConfig
 from hetero_ray.errors import FamilyError
 from hetero_ray.families import ModelDims, Topology, build_topology, detect_family, read_base_config
@@ -74,7 +75,8 @@ def base_model_params(config: dict) -> int:
 
 
 def transfer_activation_bytes(cfg: TransferNetConfig, modules: int, target_tokens: int, source_tokens: int,
-                              valid_source_tokens: int, num_projections: int, dtype_bytes: int) -> int:
+                              valid_source_tokens: int, num_projections: int, dtype_bytes: int,
+                              rdm_max_samples: int | None = None, rdm_sort_budget: int | None = None) -> int:
     """Bytes one group's transfer net and its RDM term keep for backward (inputs and parameters excluded),
     counted from the modules' saved tensors; a test holds this to the measured figure.
 
@@ -83,12 +85,17 @@ def transfer_activation_bytes(cfg: TransferNetConfig, modules: int, target_token
     input, the positioned embedding) plus two norm statistics. Cross-attention: the query (M T d), keys and
     values (2 M S d), the scores' softmax and mask (2 M h T S). Decoder: four d-wide tensors per target token,
     and the delta (D) that alpha scales. RDM per encoder output (n tokens, P projections): the rectified
-    embedding (n d), the directions (d P), the projected difference (n P) and the sort indices (int64)."""
+    embedding (n d), the directions (d P), the projected difference (n P) and the sort indices (int64), with n
+    capped at ``rdm_max_samples`` (then also the kept rows' indices) and P as ``projections_for`` says."""
     m, t, s, d, h = modules, target_tokens, source_tokens, cfg.embed_dim, cfg.num_heads
     big, n = cfg.block_size * cfg.rank, modules * (target_tokens + source_tokens)
     net = 2 * n * big + n * (7.25 * d + 4) + m * t * (5 * d + big) + 2 * m * s * d + 2 * m * h * t * s
-    p = num_projections
-    rdm = sum(dtype_bytes * (k * d + d * p + k * p) + 8 * k * p for k in (m * t, valid_source_tokens) if k)
+    rows = [(min(k, rdm_max_samples), True) if rdm_max_samples and k > rdm_max_samples else (k, False)
+            for k in (m * t, valid_source_tokens) if k]
+    rdm = 0
+    for k, cut in rows:
+        p = projections_for(k, num_projections, rdm_sort_budget)
+        rdm += dtype_bytes * (k * d + d * p + k * p) + 8 * k * p + (8 * k if cut else 0)
     return int(dtype_bytes * net + rdm)
 
 
@@ -175,7 +182,8 @@ def check(spec: FusionSpec) -> dict:
     w_bytes = 2 if spec.cluster.dtype == "bf16" else 4
     for g, t in tokens.items():
         t["activation_bytes"] = transfer_activation_bytes(cfgs[g], t["modules"], lengths[g][0], lengths[g][1],
-                                                          t["source_tokens"], spec.method.num_projections, w_bytes)
+                                                          t["source_tokens"], spec.method.num_projections, w_bytes,
+                                                          spec.method.rdm_max_samples, spec.method.rdm_sort_budget)
     transfer_acts = sum(t["activation_bytes"] for t in tokens.values())
     est = {
         w: memory_per_worker(total, max(params.values(), default=0), spec.cluster.zero_stage, w, spec.cluster.dtype,

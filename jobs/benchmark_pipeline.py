@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -47,24 +48,62 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--projections", type=int, default=None, help="RDM projections (default: the spec's, 2048)")
+    ap.add_argument("--rdm-max-samples", type=int, default=0,
+                    help="RDM rows per term (default 0: the spec's default; -1: every row)")
+    ap.add_argument("--rdm-sort-budget", type=int, default=0,
+                    help="RDM projected values per sort (default 0: the spec's default; -1: no budget)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the Ray workers' count is 1)")
+    ap.add_argument("--keep", action="store_true", help="keep the built models (removed at the end otherwise: "
+                    "64 sources take ~14 GB)")
     args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="hr-bench-"))
+    try:
+        run(args, root)
+    finally:
+        if args.keep:
+            print(f"models kept in {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from safetensors.torch import load_file
 
+    from hetero_ray.denoise.fusion import group_rdm
+    from hetero_ray.denoise.rdm import projections_for
     from hetero_ray.runners.local import fuse_local
-    from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target, resolve_block_size
+    from hetero_ray.runners.prepare import (
+        alignment_plan,
+        build_net,
+        candidates_of,
+        open_source,
+        open_target,
+        prepare_groups,
+        resolve_block_size,
+    )
     from hetero_ray.spec import parse_spec
 
-    root = Path(tempfile.mkdtemp(prefix="hr-bench-"))
     t0 = time.perf_counter()
     zoo = build_zoo(root, args.hidden, args.layers, args.sources, args.rank)
     build_s = time.perf_counter() - t0
+    method = {}  # the spec's defaults unless asked
+    if args.projections:
+        method["num_projections"] = args.projections
+    if args.rdm_max_samples:
+        method["rdm_max_samples"] = None if args.rdm_max_samples < 0 else args.rdm_max_samples
+    if args.rdm_sort_budget:
+        method["rdm_sort_budget"] = None if args.rdm_sort_budget < 0 else args.rdm_sort_budget
     spec = parse_spec({
         "output": str(root / "out"),
         "target": {"base": str(zoo["target-base"]), "adapter": str(zoo["target"])},
         "sources": [{"adapter": str(zoo[f"source{i}"])} for i in range(args.sources)],
         "replay": [{"path": str(zoo["replay"])}],
-        "method": {"num_projections": 256},
+        "method": method,
         "training": {"epochs": 1, "grad_accum": 4, "batch_size": 2, "max_length": 64, "max_steps": args.steps},
     })
     files = [Path(s.adapter) / "adapter_model.safetensors" for s in spec.sources]
@@ -92,6 +131,28 @@ def main() -> None:
 
     # the transfer networks' share counts their forward, RDM, backward and the optimizer step
     net_s, target_s = mean("time_net_s"), mean("time_target_s")
+    # RDM's whole cost (forward and backward: the step times hold its backward inside the nets' backward),
+    # measured on the same groups' encodings in this process
+    prepared = prepare_groups(spec)
+    net = build_net(spec, prepared.plan, prepared.block, prepared.groups, prepared.target)
+    with torch.no_grad():
+        outputs = net(prepared.groups)
+    rows = {g: {"target": o["z_target"].flatten(0, 1).shape[0],
+                "source": int(prepared.groups[g].src_valid.sum())} for g, o in outputs.items() if "z_target" in o}
+    for r in rows.values():  # the projections each term sorts (fewer past the sort budget)
+        r["projections"] = {k: projections_for(min(r[k], spec.method.rdm_max_samples or r[k]),
+                                               spec.method.num_projections, spec.method.rdm_sort_budget)
+                            for k in ("target", "source")}
+    gen = torch.Generator().manual_seed(0)
+    rdm_times = []
+    for _ in range(max(2, args.repeats)):
+        leaves = {g: {k: (v.detach().requires_grad_(True) if k in ("z_target", "z_source") else v)
+                      for k, v in o.items()} for g, o in outputs.items()}
+        t0 = time.perf_counter()
+        group_rdm(leaves, prepared.groups, gen, spec.method.mu_target, spec.method.sigma_target,
+                  spec.method.num_projections, spec.method.rdm_max_samples, spec.method.rdm_sort_budget).backward()
+        rdm_times.append(time.perf_counter() - t0)
+    rdm_s = min(rdm_times)
     parts = {k: round(mean(f"time_{k}_s"), 4) for k in ("nets_forward", "rdm", "nets_backward", "optimizer", "target")}
     table = {
         "settings": vars(args), "zoo_build_s": round(build_s, 2), "adapter_bytes": n_bytes,
@@ -101,6 +162,10 @@ def main() -> None:
         "step_s": round(net_s + target_s, 4), "step_transfer_net_s": round(net_s, 4),
         "step_target_model_s": round(target_s, 4), "transfer_net_share": round(net_s / (net_s + target_s), 3),
         "step_parts_s": parts,
+        "rdm": {"projections": spec.method.num_projections, "max_samples": spec.method.rdm_max_samples,
+                "sort_budget": spec.method.rdm_sort_budget,
+                "rows_per_group": rows, "forward_backward_s": round(rdm_s, 4),
+                "share_of_step": round(rdm_s / (net_s + target_s), 3)},
     }
     print(json.dumps(table, indent=2))
 

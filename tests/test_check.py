@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from hetero_ray.cli import main
 from hetero_ray.planning import PAPER_MODELS, check
 from hetero_ray.spec import parse_spec
@@ -73,8 +75,12 @@ def test_check_command_prints_the_plan(tmp_path, capsys):
     assert "L 31 q     <- qwen2.5-7b-lora L27 (offset -4, rank 8->8 none, pad 1024)" in out
 
 
-def test_transfer_net_activation_estimate_matches_the_saved_tensors(zoo, tmp_path):
-    """check's per-group activation bytes against what autograd actually keeps, on the real nets and groups."""
+@pytest.mark.parametrize("rdm", [{}, {"rdm_max_samples": 5}, {"num_projections": 256, "rdm_sort_budget": 1000}],
+                         ids=["every-row", "row-cap", "sort-budget"])
+def test_transfer_net_activation_estimate_matches_the_saved_tensors(zoo, tmp_path, rdm):
+    """check's per-group activation bytes against what autograd actually keeps, on the real nets and groups;
+    with RDM on at most 5 rows per term too (fewer rows than every group has), and with a sort budget that
+    cuts every term's projections (to 64 of 256)."""
     import torch
 
     from hetero_ray.denoise.fusion import group_rdm
@@ -83,6 +89,8 @@ def test_transfer_net_activation_estimate_matches_the_saved_tensors(zoo, tmp_pat
     from tests.helpers import make_spec
 
     spec = make_spec(zoo, tmp_path / "out")
+    spec = spec.model_copy(update={"method": spec.method.model_copy(update=rdm)})
+    m = spec.method
     report = check(spec)
     prepared = prepare_groups(spec)
     groups = prepared.groups
@@ -93,11 +101,16 @@ def test_transfer_net_activation_estimate_matches_the_saved_tensors(zoo, tmp_pat
 
         def step(name=name, g=g):
             out = net({name: g})
-            return group_rdm(out, {name: g}, torch.Generator().manual_seed(0), num_projections=64)
+            return group_rdm(out, {name: g}, torch.Generator().manual_seed(0), num_projections=m.num_projections,
+                             max_samples=m.rdm_max_samples, sort_budget=m.rdm_sort_budget)
 
         measured, loss = saved_tensor_bytes(step, exclude=inputs)
         loss.backward()  # the graph was real
         estimate = report["groups"][name]["activation_bytes"]
+        t = report["groups"][name]
+        rows = min(t["modules"] * t["target_tokens_per_module"], t["source_tokens"])
+        assert "rdm_max_samples" not in rdm or rows > m.rdm_max_samples  # the cap cuts every term
+        assert "rdm_sort_budget" not in rdm or rows * 256 > m.rdm_sort_budget  # so does the budget
         assert abs(estimate - measured) / measured < 0.05, (name, estimate, measured)
     mem = report["memory_gib_per_worker"][1]
     assert mem["total"] >= mem["transfer_nets"] + mem["frozen_target"] + max(

@@ -191,16 +191,19 @@ def group_rdm(
     mu_target: float = 0.0,
     sigma_target: float = 1.0,
     num_projections: int = 2048,
+    max_samples: int | None = None,
+    sort_budget: int | None = None,
 ) -> torch.Tensor:
-    """Mean over groups of RDM(target encodings) + RDM(source encodings, padding excluded)."""
+    """Mean over groups of RDM(target encodings) + RDM(source encodings, padding excluded); each term on at
+    most ``max_samples`` rows and ``sort_budget`` projected values (see ``rdm``)."""
     terms = []
     for name, res in outputs.items():
         if name == EXTRA or "z_target" not in res:
             continue
         z_t = res["z_target"].flatten(0, 1)
         z_s = res["z_source"][groups[name].src_valid]
-        terms.append(rdm(z_t, mu_target, sigma_target, num_projections, generator)
-                     + rdm(z_s, mu_target, sigma_target, num_projections, generator))
+        terms.append(rdm(z_t, mu_target, sigma_target, num_projections, generator, max_samples, sort_budget)
+                     + rdm(z_s, mu_target, sigma_target, num_projections, generator, max_samples, sort_budget))
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 

@@ -125,7 +125,8 @@ class FusionObjective:
         t2 = time.perf_counter()
         lam = self.method.lambda_reg * self.weights.get("paper", 0.0)
         reg = group_rdm(outputs, self.groups, self.generator, self.method.mu_target, self.method.sigma_target,
-                        self.method.num_projections) if lam > 0 else torch.zeros(())
+                        self.method.num_projections, self.method.rdm_max_samples,
+                        self.method.rdm_sort_budget) if lam > 0 else torch.zeros(())
         t3 = time.perf_counter()
         surrogate = lam * reg
         for p, d in deltas.items():
