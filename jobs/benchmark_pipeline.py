@@ -22,10 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FAMILIES = ["qwen2", "mistral", "gemma3", "phi3"]
 
 
-def build_zoo(root: Path, hidden: int, layers: int, n_sources: int, rank: int) -> dict:
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64)
+
+
+def build_zoo(root: Path, hidden: int, layers: int, n_sources: int, rank: int, shape: str = "varied") -> dict:
+    """Target (Llama) and ``n_sources`` source adapters of 4 families. ``varied``: every model its own base of
+    its own width and depth; ``smollm2``: every model SmolLM2-135M-shaped, one base per family (as experts
+    share their family's base), each source its own adapter."""
     from hetero_ray.contrib import tiny
 
     def dims(i):
+        if shape == "smollm2":
+            return SMOLLM2
         h = hidden + 16 * i
         return dict(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=layers + i % 3,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=h // 4)
@@ -34,7 +43,9 @@ def build_zoo(root: Path, hidden: int, layers: int, n_sources: int, rank: int) -
     zoo["target"] = tiny.build_lora_adapter(zoo["target-base"], root / "llama-lora", "llama", rank=rank)
     for i in range(n_sources):
         fam = FAMILIES[i % len(FAMILIES)]
-        base = tiny.build_tiny_model(fam, root / f"{fam}-{i}", seed=i, **dims(i + 1))
+        base = root / (f"{fam}-base" if shape == "smollm2" else f"{fam}-{i}")
+        if not base.exists():
+            tiny.build_tiny_model(fam, base, seed=i, **dims(i + 1))
         zoo[f"source{i}"] = tiny.build_lora_adapter(base, root / f"{fam}-{i}-lora", fam, rank=rank, seed=i)
     zoo["replay"] = tiny.write_jsonl(tiny.color_task_records(64), root / "replay.jsonl")
     return zoo
@@ -54,6 +65,11 @@ def main() -> None:
     ap.add_argument("--rdm-sort-budget", type=int, default=0,
                     help="RDM projected values per sort (default 0: the spec's default; -1: no budget)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the Ray workers' count is 1)")
+    ap.add_argument("--shape", choices=["varied", "smollm2"], default="varied",
+                    help="varied: each model its own width and depth; smollm2: SmolLM2-135M shapes, one base per "
+                    "family")
+    ap.add_argument("--align-only", action="store_true", help="alignment against the raw read only (no training)")
+    ap.add_argument("--ray", action="store_true", help="also align on a local Ray (FamilyActors, one per core)")
     ap.add_argument("--keep", action="store_true", help="keep the built models (removed at the end otherwise: "
                     "64 sources take ~14 GB)")
     args = ap.parse_args()
@@ -89,7 +105,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     from hetero_ray.spec import parse_spec
 
     t0 = time.perf_counter()
-    zoo = build_zoo(root, args.hidden, args.layers, args.sources, args.rank)
+    zoo = build_zoo(root, args.hidden, args.layers, args.sources, args.rank, args.shape)
     build_s = time.perf_counter() - t0
     method = {}  # the spec's defaults unless asked
     if args.projections:
@@ -123,6 +139,30 @@ def run(args: argparse.Namespace, root: Path) -> None:
         n_cand = sum(1 for i, (a, t) in enumerate(sources) for _ in candidates_of(spec, plan, i, a, t, block))
         aligned.append(time.perf_counter() - t0)
     raw_s, align_s = min(raw), min(aligned)
+    table = {
+        "settings": vars(args), "zoo_build_s": round(build_s, 2), "adapter_bytes": n_bytes,
+        "candidates": n_cand, "block_size": block,
+        "raw_read_MBps": round(n_bytes / raw_s / 1e6, 1), "alignment_MBps": round(n_bytes / align_s / 1e6, 1),
+        "alignment_over_raw_time": round(align_s / raw_s, 2),
+    }
+    if args.ray:  # the same sources through the FamilyActors into a materialized Ray Dataset
+        import os
+
+        from hetero_ray.runners.ray.driver import align_sources, ensure_ray
+
+        ensure_ray(num_cpus=os.cpu_count())
+        ray_s = []
+        for _ in range(max(2, args.repeats)):  # the first pays the actors' start (imports)
+            t0 = time.perf_counter()
+            ds, _ = align_sources(spec, plan, block)
+            assert ds.count() == n_cand
+            ray_s.append(time.perf_counter() - t0)
+        table |= {"ray_alignment_s": [round(x, 3) for x in ray_s],
+                  "ray_alignment_MBps": round(n_bytes / min(ray_s) / 1e6, 1),
+                  "ray_over_in_process_time": round(min(ray_s) / align_s, 2)}
+    if args.align_only:
+        print(json.dumps(table, indent=2))
+        return
 
     result = fuse_local(spec)
     steps = result.history[1:] or result.history  # the first step also pays one-time costs
@@ -154,11 +194,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
         rdm_times.append(time.perf_counter() - t0)
     rdm_s = min(rdm_times)
     parts = {k: round(mean(f"time_{k}_s"), 4) for k in ("nets_forward", "rdm", "nets_backward", "optimizer", "target")}
-    table = {
-        "settings": vars(args), "zoo_build_s": round(build_s, 2), "adapter_bytes": n_bytes,
-        "candidates": n_cand, "block_size": block,
-        "raw_read_MBps": round(n_bytes / raw_s / 1e6, 1), "alignment_MBps": round(n_bytes / align_s / 1e6, 1),
-        "alignment_over_raw_time": round(align_s / raw_s, 1),
+    table |= {
         "step_s": round(net_s + target_s, 4), "step_transfer_net_s": round(net_s, 4),
         "step_target_model_s": round(target_s, 4), "transfer_net_share": round(net_s / (net_s + target_s), 3),
         "step_parts_s": parts,

@@ -161,3 +161,59 @@ def test_base_configs_take_transformers_defaults_for_what_they_leave_out():
     assert llama_style_shapes(full)["self_attn.q_proj"] == (64, 8 * 256)
     assert with_defaults({"model_type": "not-a-model", "hidden_size": 3}) == {"model_type": "not-a-model",
                                                                               "hidden_size": 3}
+
+
+@pytest.mark.parametrize("control", ["none", "random_sources", "zero_sources", "shuffled_layers"])
+def test_source_candidates_match_the_per_module_reference_and_read_each_tensor_once(zoo, tmp_path, control):
+    """The batched path (each module read once, slots' rows stacked and their blocks' singular values taken per
+    shape, from Grams) gives the per-candidate computation's tokens bit for bit and its singular values to
+    1e-5, for sources of lower, equal and higher rank and Phi-3's fused projections; asked for some target
+    layers, it yields exactly those; through Arrow the rows travel unpadded and come back exact."""
+    from hetero_ray.controls import Control, control_factors
+    from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target
+    from hetero_ray.tokens.candidates import candidates_from_arrow, candidates_to_arrow, slot_tensors
+    from tests.helpers import make_spec
+
+    spec = make_spec(zoo, tmp_path / "out", sources=("qwen2", "mistral", "gemma3", "phi3"))
+    spec = spec.model_copy(update={"strategy": "heterofusion" if control == "none" else control})
+    _, ttopo = open_target(spec)
+    sources = [open_source(spec, i) for i in range(len(spec.sources))]
+    plan = alignment_plan(spec, ttopo, [t for _, t in sources])
+    harmonized = set()
+    for i, (adapter, topo) in enumerate(sources):
+        reads: list[str] = []
+        read = adapter.tensor
+        adapter.tensor = lambda key, read=read, reads=reads: reads.append(key) or read(key)
+        got = list(candidates_of(spec, plan, i, adapter, topo, 64))
+        assert len(reads) == len(set(reads))  # Phi-3's qkv feeds three roles, read once
+        del adapter.tensor
+        want = [(e, f) for e in plan.entries for f in e.feeds if f.source == i]
+        assert [(c.target_layer, c.role, c.source_layer) for c in got] == [
+            (e.layer, e.role, f.source_layer) for e, f in want]
+        for c, (e, f) in zip(got, want, strict=True):
+            slot = topo.slots[(f.source_layer, e.role)]
+            if spec.control is Control.ZERO_SOURCES:
+                a, b = torch.zeros(f.rank, f.d_in), torch.zeros(f.d_out, f.rank)
+            else:
+                a, b = slot_tensors(adapter, slot, control_factors(adapter, slot.module.path, spec.control, spec.seed,
+                                                                   f.source_id))
+                b = b.float() * adapter.module_scaling(slot.module.path)
+            tokens, sigmas, n_a = module_tokens(*harmonize_rank(a, b, e.rank), 64)
+            assert torch.equal(c.tokens, tokens) and c.n_a_blocks == n_a and c.n_tokens == tokens.shape[0]
+            assert c.rows.shape == (f.d_in + f.d_out, e.rank)
+            torch.testing.assert_close(c.sigmas, sigmas, rtol=1e-5, atol=1e-6 * float(sigmas.max().clamp_min(1)))
+            harmonized.add(f.harmonize)
+        back = candidates_from_arrow(candidates_to_arrow(got))  # what Ray Data carries: unpadded rows
+        assert [(x.key, x.d_in, x.block_size, x.source_layer) for x in back] == [
+            (x.key, x.d_in, x.block_size, x.source_layer) for x in got]
+        assert all(torch.equal(x.rows, y.rows) and torch.equal(x.sigmas, y.sigmas)
+                   for x, y in zip(back, got, strict=True))
+        assert sum(x.rows.numel() for x in got) < sum(x.tokens.numel() for x in got)  # no padding in transit
+        some = sorted({e.layer for e, _ in want})[::2]
+        part = list(candidates_of(spec, plan, i, adapter, topo, 64, some))
+        assert [(c.target_layer, c.role, c.source) for c in part] == [
+            (c.target_layer, c.role, c.source) for c in got if c.target_layer in some]
+        assert all(torch.equal(p.tokens, g.tokens) for p, g in zip(
+            part, [c for c in got if c.target_layer in some], strict=True))
+    assert harmonized == {"none", "exact", "truncated"}
+    assert any(topo.family.name == "phi3" for _, topo in sources)

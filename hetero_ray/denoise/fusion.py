@@ -84,7 +84,7 @@ def assemble_groups(
 
 def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
     m = len(entries)
-    s_max = max(sum(c.tokens.shape[0] for c in cands) for cands in src)  # 0 without sources
+    s_max = max(sum(c.n_tokens for c in cands) for cands in src)  # 0 without sources
     d_flat, rank = tgt[0][0].shape[1], tgt[0][1].shape[1]
     src_tokens = torch.zeros(m, s_max, d_flat)
     src_sigmas = torch.zeros(m, s_max, rank)
@@ -93,8 +93,8 @@ def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
     for i, cands in enumerate(src):
         pos = 0
         for c in cands:
-            n = c.tokens.shape[0]
-            src_tokens[i, pos : pos + n] = c.tokens
+            n = c.n_tokens
+            c.write_tokens(src_tokens[i, pos : pos + n])  # the padding made here, into the group's zeros
             src_sigmas[i, pos : pos + n] = c.sigmas
             src_valid[i, pos : pos + n] = True
             src_owner[i, pos : pos + n] = c.source

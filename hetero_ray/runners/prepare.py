@@ -4,7 +4,7 @@ blocks and transfer networks, make candidates and the replay examples, hash the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +125,9 @@ def objective_weights(spec: FusionSpec) -> dict[str, float]:
 
 
 def candidates_of(spec: FusionSpec, plan: AlignmentPlan, index: int, adapter: LoraAdapter, topo: Topology,
-                  block_size: int) -> Iterator[Candidate]:
-    return source_candidates(plan, index, adapter, topo, block_size, spec.control, spec.seed)
+                  block_size: int, layers: Iterable[int] | None = None) -> Iterator[Candidate]:
+    """Source ``index``'s candidates (of target ``layers`` only, when given: nothing else is computed)."""
+    return source_candidates(plan, index, adapter, topo, block_size, spec.control, spec.seed, layers)
 
 
 def replay_records(spec: FusionSpec) -> list[dict]:

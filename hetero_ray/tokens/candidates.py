@@ -15,11 +15,15 @@ from hetero_ray.align import AlignmentPlan
 from hetero_ray.controls import Control, control_factors
 from hetero_ray.families import Slot, Topology
 from hetero_ray.io.adapters import LoraAdapter
-from hetero_ray.tokens.blocks import harmonize_rank, module_tokens
+from hetero_ray.tokens.blocks import batched_module_rows, harmonize_rank, n_blocks
 
 
 @dataclass
 class Candidate:
+    """One source slot aligned to one target slot. It holds the slot's rows unpadded, [A^T ; B] at the target
+    rank ((d_in + d_out) x r): its tokens, each part zero-padded to whole blocks of ``block_size`` rows, are
+    made where the groups are assembled (padding would cost up to ~3x the adapter's bytes in transit)."""
+
     group: str
     target_module: str
     target_layer: int
@@ -28,14 +32,38 @@ class Candidate:
     source_id: str
     family: str
     source_layer: int
-    n_a_blocks: int
-    tokens: torch.Tensor  # (n_blocks, block_size * rank), fp32
-    sigmas: torch.Tensor  # (n_blocks, rank), fp32
+    d_in: int
+    block_size: int
+    rows: torch.Tensor  # (d_in + d_out, rank), fp32
+    sigmas: torch.Tensor  # (n_tokens, rank), fp32: the singular values of each block
 
     @property
     def key(self) -> tuple[str, int, int]:
         """Deterministic order within a group: target layer, then source index."""
         return (self.group, self.target_layer, self.source)
+
+    @property
+    def n_a_blocks(self) -> int:
+        return n_blocks(self.d_in, self.block_size)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_a_blocks + n_blocks(self.rows.shape[0] - self.d_in, self.block_size)
+
+    def write_tokens(self, out: torch.Tensor) -> None:
+        """Write the tokens into ``out`` ((n_tokens, block_size * rank), zero-filled)."""
+        r, b, split = self.rows.shape[1], self.block_size, self.n_a_blocks * self.block_size
+        flat = out.view(-1, r)
+        flat[: self.d_in] = self.rows[: self.d_in]
+        flat[split : split + self.rows.shape[0] - self.d_in] = self.rows[self.d_in :]
+        assert out.shape == (self.n_tokens, b * r)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(n_tokens, block_size * rank): [A^T blocks ; B blocks], each part zero-padded to whole blocks."""
+        out = torch.zeros(self.n_tokens, self.block_size * self.rows.shape[1])
+        self.write_tokens(out)
+        return out
 
 
 def slot_tensors(adapter: LoraAdapter, slot: Slot, factors: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -57,41 +85,57 @@ def source_candidates(
     block_size: int,
     control: Control = Control.NONE,
     seed: int = 0,
+    layers: Iterable[int] | None = None,
 ) -> Iterator[Candidate]:
-    """Yield the candidates of one source, in plan order.
+    """Yield the candidates of one source, in plan order (only those of target ``layers`` when given).
 
     The tokens carry the source's update as PEFT applies it, s·B·A: B is multiplied by the module's scale s
     (``lora_alpha / r``, rsLoRA and per-module patterns honoured), so a source's ``lora_alpha`` matters.
     ``control`` replaces what the source contributes (:func:`hetero_ray.controls.control_factors`):
     ``zero_sources`` gives all-zero tokens (no tensor is read), ``random_sources`` a Gaussian adapter with the
     same Frobenius norm per module (A and B each), and so on; the teacher gets the same replacement.
+
+    Each module is read once and each source slot's rows and singular values made once, however many target
+    slots it feeds, batched over the slots of one shape; no padding is made here.
     """
     if not control.reads_sources:
         raise ValueError(f"control {control.value!r} has no source candidates")
     source_id = plan.sources[source].source_id
-    for entry in plan.entries:
-        for feed in (f for f in entry.feeds if f.source == source):
-            slot = topology.slots[(feed.source_layer, entry.role)]
-            if control is Control.ZERO_SOURCES:
-                a, b = torch.zeros(feed.rank, feed.d_in), torch.zeros(feed.d_out, feed.rank)
-            else:
-                a, b = slot_tensors(adapter, slot, control_factors(adapter, slot.module.path, control, seed,
-                                                                   source_id))
-                b = b.float() * adapter.module_scaling(slot.module.path)
-            a, b = harmonize_rank(a, b, entry.rank)
-            tokens, sigmas, n_a = module_tokens(a, b, block_size)
-            yield Candidate(entry.group, entry.module, entry.layer, entry.role, source, source_id, feed.family,
-                            feed.source_layer, n_a, tokens, sigmas)
+    wanted = None if layers is None else set(layers)
+    work = [(entry, feed) for entry in plan.entries if wanted is None or entry.layer in wanted
+            for feed in entry.feeds if feed.source == source]
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # a fused module feeds several roles
+    factors: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for entry, feed in work:
+        key = (feed.source_layer, entry.role, entry.rank)
+        if key in factors:
+            continue
+        slot = topology.slots[(feed.source_layer, entry.role)]
+        if control is Control.ZERO_SOURCES:
+            a, b = torch.zeros(feed.rank, feed.d_in), torch.zeros(feed.d_out, feed.rank)
+        else:
+            path = slot.module.path
+            if path not in modules:
+                modules[path] = control_factors(adapter, path, control, seed, source_id)
+            a, b = slot_tensors(adapter, slot, modules[path])
+            b = b.float() * adapter.module_scaling(path)
+        factors[key] = harmonize_rank(a, b, entry.rank)
+    blocked = batched_module_rows(factors, block_size)
+    for entry, feed in work:
+        key = (feed.source_layer, entry.role, entry.rank)
+        rows, sigmas = blocked[key]
+        yield Candidate(entry.group, entry.module, entry.layer, entry.role, source, source_id, feed.family,
+                        feed.source_layer, factors[key][0].shape[1], block_size, rows, sigmas)
 
 
 _SCALARS = {
     "group": pa.string(), "target_module": pa.string(), "target_layer": pa.int32(), "role": pa.string(),
     "source": pa.int32(), "source_id": pa.string(), "family": pa.string(), "source_layer": pa.int32(),
-    "n_a_blocks": pa.int32(),
+    "d_in": pa.int32(), "block_size": pa.int32(),
 }
 CANDIDATE_SCHEMA = pa.schema(
     [*_SCALARS.items(), ("n_tokens", pa.int32()), ("rank", pa.int32()),
-     ("tokens", pa.large_list(pa.float32())), ("sigmas", pa.large_list(pa.float32()))]
+     ("rows", pa.large_list(pa.float32())), ("sigmas", pa.large_list(pa.float32()))]
 )
 
 
@@ -101,12 +145,12 @@ def candidates_to_arrow(candidates: Iterable[Candidate]) -> pa.Table:
     for c in candidates:
         for name in _SCALARS:
             cols[name].append(getattr(c, name))
-        cols["n_tokens"].append(c.tokens.shape[0])
-        cols["rank"].append(c.sigmas.shape[1])
-        cols["tokens"].append(c.tokens.numpy().ravel())
+        cols["n_tokens"].append(c.n_tokens)
+        cols["rank"].append(c.rows.shape[1])
+        cols["rows"].append(c.rows.contiguous().numpy().ravel())
         cols["sigmas"].append(c.sigmas.numpy().ravel())
     arrays = [
-        pa.array(cols[f.name], type=f.type) if f.name not in ("tokens", "sigmas")
+        pa.array(cols[f.name], type=f.type) if f.name not in ("rows", "sigmas")
         else _flat_list_array(cols[f.name]) for f in CANDIDATE_SCHEMA
     ]
     return pa.Table.from_arrays(arrays, schema=CANDIDATE_SCHEMA)
@@ -125,15 +169,15 @@ def candidates_from_arrow(table: pa.Table) -> list[Candidate]:
     scalars = {name: table.column(name).to_pylist() for name in _SCALARS}
     n_tokens = table.column("n_tokens").to_numpy()
     ranks = table.column("rank").to_numpy()
-    tok_vals = table.column("tokens").chunk(0).flatten().to_numpy() if table.num_rows else None
+    tok_vals = table.column("rows").chunk(0).flatten().to_numpy() if table.num_rows else None
     sig_vals = table.column("sigmas").chunk(0).flatten().to_numpy() if table.num_rows else None
-    tok_off = table.column("tokens").chunk(0).offsets.to_numpy() if table.num_rows else None
+    tok_off = table.column("rows").chunk(0).offsets.to_numpy() if table.num_rows else None
     sig_off = table.column("sigmas").chunk(0).offsets.to_numpy() if table.num_rows else None
     out = []
     for i in range(table.num_rows):
         n, r = int(n_tokens[i]), int(ranks[i])
-        tokens = torch.from_numpy(tok_vals[tok_off[i] : tok_off[i + 1]].copy()).reshape(n, -1)
-        sigmas = torch.from_numpy(sig_vals[sig_off[i] : sig_off[i + 1]].copy()).reshape(n, r)
-        out.append(Candidate(**{k: v[i] for k, v in scalars.items()}, tokens=tokens, sigmas=sigmas))
+        rows = torch.from_numpy(tok_vals[tok_off[i] : tok_off[i + 1]].copy()).reshape(-1, r)
+        sigmas = torch.from_numpy(sig_vals[sig_off[i] : sig_off[i + 1]].copy()).reshape(n, -1)
+        out.append(Candidate(**{k: v[i] for k, v in scalars.items()}, rows=rows, sigmas=sigmas))
     return out
 

@@ -39,3 +39,10 @@ def test_benchmark_pipeline_reports_rdm_rows_and_share_and_caps_them(tmp_path):
     assert max(max(r["target"], r["source"]) for r in rows.values()) > 3  # the cap cuts something here
     # past the sort budget a term sorts fewer projections, never under the floor of 64
     assert all(r["projections"] == {"target": 64, "source": 64} for r in capped_rows.values())
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_pipeline_align_only_times_alignment_against_the_raw_read(tmp_path):
+    table = _run(tmp_path, "--align-only")
+    assert table["raw_read_MBps"] > 0 and table["alignment_MBps"] > 0 and table["candidates"] > 0
+    assert table["alignment_over_raw_time"] > 0 and "step_s" not in table

@@ -101,6 +101,26 @@ def test_driver_sees_alignment_per_family_and_every_training_step(zero3_run):
     bars.close()
 
 
+def test_many_aligners_per_family_give_the_same_adapter(zoo, zero3_run, tmp_path, monkeypatch):
+    """With one target layer per task, each family's tasks spread over its pool of FamilyActors (2 each, as 8
+    cores give 3 families), and the fused adapter is the one a single aligner per family gives."""
+    from hetero_ray.runners.ray import driver
+
+    assert driver.aligners_per_family(8, 3) == 2 and driver.aligners_per_family(2, 3) == 1
+    assert driver.aligners_per_family(16, 1) == 16
+    monkeypatch.setattr(driver, "LAYERS_PER_TASK", 1)
+    monkeypatch.setattr(driver, "aligners_per_family", lambda cpus, families: 2)  # this machine has 2 cores
+    spec, result = zero3_run
+    events = []
+    spec2 = _spec(zoo, tmp_path, "aligners")
+    res2 = driver.fuse(spec2, on_progress=events.append)
+    align = [e for e in events if e["stage"] == "align"]
+    for fam in ("qwen2", "mistral", "gemma3"):
+        assert {e["aligner"] for e in align if e["family"] == fam} == {0, 1}, fam
+    assert len(align) > len([e for e in result.events if e["stage"] == "align"])
+    assert _max_diff(_tensors(result.output), _tensors(res2.output)) < 1e-6  # as the fault tests hold
+
+
 def test_one_worker_zero0_matches_two_workers_zero3(zoo, zero3_run, tmp_path):
     """Same spec and seed: 1 worker ZeRO-0 vs 2 workers ZeRO-3, and the in-process reference. The only
     differences are float summation orders (micro-batch gradients summed per worker, then all-reduced)."""

@@ -43,9 +43,7 @@ class FamilyActor:
         adapter, topo = open_source(self.spec, source)
         if topo.family.name != self.family:
             raise ValueError(f"source {source} is {topo.family.name}, this actor aligns {self.family}")
-        wanted = set(layers)
-        cands = [c for c in candidates_of(self.spec, self.plan, source, adapter, topo, self.block_size)
-                 if c.target_layer in wanted]
+        cands = list(candidates_of(self.spec, self.plan, source, adapter, topo, self.block_size, layers))
         maybe_fail("actor")
         table = candidates_to_arrow(cands)
         return table.replace_schema_metadata({"seconds": f"{time.perf_counter() - t0:.6f}"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -92,6 +93,15 @@ def check_resources(spec: FusionSpec) -> None:
                            f"{total.get('GPU', 0):g} GPUs")
 
 
+ACTOR_CPUS = 0.5
+
+
+def aligners_per_family(cluster_cpus: float, n_families: int) -> int:
+    """FamilyActors per family: about one per CPU of the cluster in all (alignment ends before training
+    starts), so that 64 sources of 3 families align on as many cores as there are, not on 3."""
+    return max(1, math.floor(cluster_cpus / max(1, n_families)))
+
+
 def empty_candidates():
     import ray
 
@@ -100,39 +110,44 @@ def empty_candidates():
 
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None,
                   candidates: bool = True, teach: bool = False):
-    """One FamilyActor per family present; every (source, chunk of target layers) is one actor task, and with
-    ``teach`` every source's teacher signals one more (the family's base model is loaded once per actor).
-    Returns the candidate Dataset, materialized once in the object store (None without ``candidates``), and
-    the teacher signals in source order."""
+    """FamilyActors per family present: every (source, chunk of target layers) is one actor task, spread over
+    ``aligners_per_family`` actors of the family so that many sources of few families align in parallel;
+    with ``teach`` every source's teacher signals one more task, all on the family's first actor (its base
+    model is loaded once). Returns the candidate Dataset, materialized once in the object store (None without
+    ``candidates``), and the teacher signals in source order."""
     import ray
 
     families: dict[str, list[int]] = {}
     for s in plan.sources:
         families.setdefault(s.family, []).append(s.index)
+    chunks = {fam: [(i, layers[k : k + LAYERS_PER_TASK]) for i in indices
+                    for layers in [sorted(plan.sources[i].layer_pairs)]
+                    for k in range(0, len(layers), LAYERS_PER_TASK)] if candidates else []
+              for fam, indices in families.items()}
     gpus = {}
     if teach and spec.cluster.use_gpu:  # teachers run their models on a GPU share
         gpus = {"num_gpus": min(1.0, ray.cluster_resources().get("GPU", 0) / max(1, len(families)))}
+    # logical CPUs, but no more than this machine's cores per node: a local Ray reports more than it has
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    cpus = min(ray.cluster_resources().get("CPU", 1), (os.cpu_count() or 1) * max(1, nodes))
+    pool_size = aligners_per_family(cpus, len(families))
+    spec_ref, plan_ref = ray.put(spec.model_dump(mode="json")), ray.put(plan.to_dict())
     actors = {
-        fam: FamilyActor.options(num_cpus=0.5, runtime_env=faults.runtime_env(), **gpus).remote(
-            spec.model_dump(mode="json"), fam, plan.to_dict(), block)
+        fam: [FamilyActor.options(num_cpus=ACTOR_CPUS, runtime_env=faults.runtime_env(), **(gpus if k == 0 else {}))
+              .remote(spec_ref, fam, plan_ref, block) for k in range(max(1, min(pool_size, len(chunks[fam]))))]
         for fam in families
     }
     refs, what, teach_refs = [], {}, {}
     for fam, indices in families.items():
-        for i in indices:
-            if teach:
-                ref = actors[fam].teach.remote(i)
-                teach_refs[i] = ref
-                what[ref] = (fam, plan.sources[i].source_id, "teacher")
-            if not candidates:
-                continue
-            layers = sorted(plan.sources[i].layer_pairs)
-            for k in range(0, len(layers), LAYERS_PER_TASK):
-                ref = actors[fam].candidates.remote(i, layers[k : k + LAYERS_PER_TASK])
-                refs.append(ref)
-                chunk = layers[k : k + LAYERS_PER_TASK]
-                what[ref] = (fam, plan.sources[i].source_id, f"{chunk[0]}-{chunk[-1]}")
-    per_family = {fam: sum(1 for f, _, _ in what.values() if f == fam) for fam in families}
+        for i in indices if teach else []:
+            ref = actors[fam][0].teach.remote(i)
+            teach_refs[i] = ref
+            what[ref] = (fam, plan.sources[i].source_id, "teacher", 0)
+        for n, (i, chunk) in enumerate(chunks[fam]):
+            ref = actors[fam][n % len(actors[fam])].candidates.remote(i, chunk)
+            refs.append(ref)
+            what[ref] = (fam, plan.sources[i].source_id, f"{chunk[0]}-{chunk[-1]}", n % len(actors[fam]))
+    per_family = {fam: sum(1 for f, *_ in what.values() if f == fam) for fam in families}
     pending, done = list(what), 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)  # wakes for SIGTERM / Ctrl-C
@@ -141,16 +156,18 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
         ray.get(ready)  # surfaces an alignment error at once
         done += 1
         if on_progress:
-            fam, source_id, layers = what[ready[0]]
+            fam, source_id, layers, aligner = what[ready[0]]
             on_progress({"stage": "align", "done": done, "total": len(what), "family": fam,
-                         "family_total": per_family[fam], "source_id": source_id, "layers": layers})
+                         "family_total": per_family[fam], "source_id": source_id, "layers": layers,
+                         "aligner": aligner})
     ds = None
     if candidates:
         ds = ray.data.from_arrow_refs(refs) if refs else empty_candidates()
         ds = ds.materialize()
     signals = [ray.get(teach_refs[i]) for i in sorted(teach_refs)]
-    for actor in actors.values():
-        ray.kill(actor)
+    for pool in actors.values():
+        for actor in pool:
+            ray.kill(actor)
     return ds, signals
 
 
