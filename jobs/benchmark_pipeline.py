@@ -146,11 +146,10 @@ def run(args: argparse.Namespace, root: Path) -> None:
         "alignment_over_raw_time": round(align_s / raw_s, 2),
     }
     if args.ray:  # the same sources through the FamilyActors into a materialized Ray Dataset
-        import os
 
         from hetero_ray.runners.ray.driver import align_sources, ensure_ray
 
-        ensure_ray(num_cpus=os.cpu_count())
+        ensure_ray()  # as the CLI starts it: logical CPUs beyond the actors for Ray Data
         ray_s = []
         for _ in range(max(2, args.repeats)):  # the first pays the actors' start (imports)
             t0 = time.perf_counter()
