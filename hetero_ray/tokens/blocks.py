@@ -58,8 +58,12 @@ def singular_values(x: torch.Tensor) -> torch.Tensor:
     largest value and costs a fraction of it on tall blocks (2048 x 64: ~10x less)."""
     with torch.no_grad():
         x = x.double()
-        eig = torch.linalg.eigvalsh(x.mT @ x)
-        return eig.flip(-1)[..., : min(x.shape[-2], x.shape[-1])].clamp_min(0).sqrt().float()
+        return gram_singular_values(x.mT @ x, min(x.shape[-2], x.shape[-1]))
+
+
+def gram_singular_values(grams: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., r, r) fp64 Grams X^T X -> (..., k): X's k largest singular values, descending, fp32."""
+    return torch.linalg.eigvalsh(grams).flip(-1)[..., :k].clamp_min(0).sqrt().float()
 
 
 def block_singular_values(tokens: torch.Tensor, rank: int) -> torch.Tensor:
@@ -95,8 +99,7 @@ def batched_module_rows(factors: Mapping[K, tuple[torch.Tensor, torch.Tensor]], 
         with torch.no_grad():
             x = rows.double()
             grams = torch.stack([x[:, lo:hi].mT @ x[:, lo:hi] for lo, hi in blocks], dim=1)
-            k = min(block_size, rank)
-            sigmas = torch.linalg.eigvalsh(grams).flip(-1)[..., :k].clamp_min(0).sqrt().float()
+            sigmas = gram_singular_values(grams, min(block_size, rank))
         for i, key in enumerate(keys):
             out[key] = (rows[i], sigmas[i])
     return out

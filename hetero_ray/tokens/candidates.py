@@ -52,11 +52,11 @@ class Candidate:
 
     def write_tokens(self, out: torch.Tensor) -> None:
         """Write the tokens into ``out`` ((n_tokens, block_size * rank), zero-filled)."""
-        r, b, split = self.rows.shape[1], self.block_size, self.n_a_blocks * self.block_size
+        r, split = self.rows.shape[1], self.n_a_blocks * self.block_size
+        assert out.shape == (self.n_tokens, self.block_size * r)
         flat = out.view(-1, r)
         flat[: self.d_in] = self.rows[: self.d_in]
         flat[split : split + self.rows.shape[0] - self.d_in] = self.rows[self.d_in :]
-        assert out.shape == (self.n_tokens, b * r)
 
     @property
     def tokens(self) -> torch.Tensor:

@@ -102,6 +102,15 @@ def aligners_per_family(cluster_cpus: float, n_families: int) -> int:
     return max(1, math.floor(cluster_cpus / max(1, n_families)))
 
 
+def layer_chunks(plan: AlignmentPlan, indices: list[int]) -> list[tuple[int, list[int]]]:
+    """(source, up to LAYERS_PER_TASK of its aligned target layers): one alignment task each."""
+    out = []
+    for i in indices:
+        layers = sorted(plan.sources[i].layer_pairs)
+        out += [(i, layers[k : k + LAYERS_PER_TASK]) for k in range(0, len(layers), LAYERS_PER_TASK)]
+    return out
+
+
 def empty_candidates():
     import ray
 
@@ -120,10 +129,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     families: dict[str, list[int]] = {}
     for s in plan.sources:
         families.setdefault(s.family, []).append(s.index)
-    chunks = {fam: [(i, layers[k : k + LAYERS_PER_TASK]) for i in indices
-                    for layers in [sorted(plan.sources[i].layer_pairs)]
-                    for k in range(0, len(layers), LAYERS_PER_TASK)] if candidates else []
-              for fam, indices in families.items()}
+    chunks = {fam: layer_chunks(plan, indices) if candidates else [] for fam, indices in families.items()}
     gpus = {}
     if teach and spec.cluster.use_gpu:  # teachers run their models on a GPU share
         gpus = {"num_gpus": min(1.0, ray.cluster_resources().get("GPU", 0) / max(1, len(families)))}
@@ -131,10 +137,10 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     cpus = min(ray.cluster_resources().get("CPU", 1), (os.cpu_count() or 1) * max(1, nodes))
     pool_size = aligners_per_family(cpus, len(families))
-    spec_ref, plan_ref = ray.put(spec.model_dump(mode="json")), ray.put(plan.to_dict())
+    spec_json, plan_json = spec.model_dump(mode="json"), plan.to_dict()
     actors = {
         fam: [FamilyActor.options(num_cpus=ACTOR_CPUS, runtime_env=faults.runtime_env(), **(gpus if k == 0 else {}))
-              .remote(spec_ref, fam, plan_ref, block) for k in range(max(1, min(pool_size, len(chunks[fam]))))]
+              .remote(spec_json, fam, plan_json, block) for k in range(max(1, min(pool_size, len(chunks[fam]))))]
         for fam in families
     }
     refs, what, teach_refs = [], {}, {}
