@@ -145,6 +145,49 @@ def check(spec: Path, as_json: bool, **kwargs) -> None:
 
 
 @cli.command()
+@click.argument("spec", type=click.Path(path_type=Path))
+@click.option("--set", "axes", multiple=True, metavar="FIELD=V1,V2,...", required=True,
+              help="a sweep axis: a spec field (dotted: training.lr) and its values; repeat for a grid")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="sweep directory: adapters/RUN, specs/RUN.yaml, state/, sweep.json, sweep.md")
+@click.option("--cpus-per-run", default=1, show_default=True, type=click.IntRange(1),
+              help="CPUs each run holds (its torch threads)")
+@click.option("--gpus-per-run", default=0.0, show_default=True, type=click.FloatRange(0))
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
+@click.option("--no-ray", is_flag=True, help="run them one after another in this process")
+def sweep(spec: Path, axes: tuple[str, ...], out: Path, cpus_per_run: int, gpus_per_run: float,
+          address: str | None, no_ray: bool) -> None:
+    """Run SPEC over a grid of settings as concurrent runs on one Ray cluster; finished runs are reused.
+
+    Example: hetero-ray sweep spec.yaml --set strategy=heterofusion,zero_sources --set seed=0,1,2
+    --set training.lr=1e-3,2e-3 --out runs/sweep"""
+    from hetero_ray.console import silence_libraries
+    from hetero_ray.sweep import grid, run_sweep
+
+    parsed = {}
+    for item in axes:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise click.BadParameter(f"{item!r}: expected FIELD=V1,V2,...", param_hint="--set")
+        if key.strip() in parsed:
+            raise click.BadParameter(f"{key.strip()!r} is set twice", param_hint="--set")
+        parsed[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+    runs = grid(parsed)
+    silence_libraries()
+    click.echo(f"sweep: {len(runs)} runs -> {out.resolve()}", err=True)
+
+    def on_row(row: dict) -> None:
+        how = row.get("error") or (f"{row['seconds']:.0f} s" if row.get("seconds") else "")
+        click.echo(f"  {row['name']}: {row['status']} {how}".rstrip(), err=True)
+
+    result = run_sweep(spec, runs, out, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                       use_ray=not no_ray, on_row=on_row)
+    click.echo(result.markdown())
+    if result.failed:
+        raise click.ClickException(f"{len(result.failed)} of {len(runs)} runs failed; see {result.out / 'sweep.json'}")
+
+
+@cli.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--family", default=None, help="override the detected family")
 @click.option("--base", type=click.Path(path_type=Path), default=None, help="base model dir or config.json")

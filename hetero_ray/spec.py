@@ -382,7 +382,8 @@ def parse_spec(data: dict, root: str | Path = ".", origin: str = "spec") -> Fusi
         raise SpecError(f"{origin}: {problems}") from None
 
 
-def load_spec(path: str | Path, overrides: dict | None = None) -> FusionSpec:
+def read_spec_file(path: str | Path) -> dict:
+    """A spec file's mapping, unvalidated (raises SpecError naming the file)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
@@ -396,14 +397,25 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> FusionSpec:
         raise SpecError(f"{path}: YAML nested too deeply") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping at the top level, got a YAML {type(data).__name__}")
-    for dotted, value in (overrides or {}).items():
+    return data
+
+
+def apply_overrides(data: dict, overrides: dict, origin: str) -> dict:
+    """Set dotted fields (``training.lr``) in a spec mapping, in place; returns it."""
+    for dotted, value in overrides.items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise SpecError(f"{path}: {p}: expected a mapping (to set {dotted} from the command line)")
+                raise SpecError(f"{origin}: {p}: expected a mapping (to set {dotted})")
         node[leaf] = value
+    return data
+
+
+def load_spec(path: str | Path, overrides: dict | None = None) -> FusionSpec:
+    path = Path(path)
+    data = apply_overrides(read_spec_file(path), overrides or {}, str(path))
     spec = parse_spec(data, path.parent, origin=str(path))
     spec.check_files(origin=str(path), spec_file=path)
     return spec

@@ -20,6 +20,10 @@ Statistics, computed here: F1 on >= 100 held-out test records per task (never se
 method and each control a paired bootstrap 95% CI over test records of (method - control), seeds averaged;
 "gap recovered" = (method - target_only) / (source expert on its own base - target_only) on the source task;
 the target task must stay within 1 bootstrap SE of target_only. The job prints the verdict it computed.
+
+The trained runs go through :func:`hetero_ray.sweep.run_sweep`: with --parallel N they run N at a time on a Ray
+cluster (a local one by default), each holding --threads CPUs and evaluated in its own task; with --parallel 1
+one after another in this process. Same adapters either way (each run seeds itself and uses --threads threads).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from hetero_ray.contrib.evaluate import (  # noqa: E402
     bootstrap_se,
@@ -48,8 +51,8 @@ from hetero_ray.contrib.evaluate import (  # noqa: E402
 )
 from hetero_ray.contrib.experts import ExpertSettings, cached_expert  # noqa: E402
 from hetero_ray.contrib.zoo import get_model  # noqa: E402
-from hetero_ray.spec import load_spec  # noqa: E402
-from hetero_ray.strategies import STRATEGIES, completed, run_strategy  # noqa: E402
+from hetero_ray.strategies import STRATEGIES  # noqa: E402
+from hetero_ray.sweep import SweepRun, run_sweep  # noqa: E402
 from hetero_ray.train.replay import load_records  # noqa: E402
 
 SIZES = {
@@ -152,7 +155,11 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap.add_argument("--net", default="grounded", choices=["paper", "grounded"], help="heterofusion's transfer net")
     ap.add_argument("--lr", type=float, default=None, help="one lr for every trained run (no sweep)")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=None, help="the sweep (default: the size's)")
-    ap.add_argument("--ray", action="store_true", help="run the trained strategies on Ray + DeepSpeed")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="trained runs at once, as a sweep on Ray, each holding --threads CPUs and evaluated in its "
+                         "own task (1: one after another in this process)")
+    ap.add_argument("--address", default=None, help="the Ray cluster of the sweep (default: a local instance with "
+                                                     "--parallel x --threads CPUs)")
     ap.add_argument("--resume", action="store_true", help="reuse what an earlier run of the same settings finished")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None,
@@ -172,7 +179,10 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
-    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
+    threads = args.threads or max(1, min(4, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    if args.parallel < 1:
+        ap.error("--parallel: at least 1")
 
     t0 = time.perf_counter()
     target_base, source_base = get_model(args.target), get_model(args.source)
@@ -222,7 +232,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         "method": {"net": args.net, "extra_rank": size["extra_rank"]},
         "training": {"epochs": size["epochs"], "batch_size": size["batch_size"], "grad_accum": size["grad_accum"],
                      "max_length": size["max_length"], "warmup_ratio": 0.05},
-        "cluster": {"workers": 1, "zero_stage": 0, "storage": str(out / "runs"), "use_gpu": args.device == "cuda"},
+        "cluster": {"workers": 1, "zero_stage": 0, "storage": str(out / "state"), "use_gpu": args.device == "cuda"},
         "overwrite": True,
     }
 
@@ -230,44 +240,23 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         return f"{method}-{seed}" if lr == size["lr"] else f"{method}-lr{lr:g}-{seed}"
 
     reports: dict[str, dict] = {}
-
-    def train(method: str, seed: int, lr: float) -> Path:
-        name = tag(method, seed, lr)
-        spec_file = out / "specs" / f"{name}.yaml"
-        spec_file.parent.mkdir(parents=True, exist_ok=True)
-        raw = {**base_spec, "strategy": VARIANTS.get(method, method), "seed": seed,
-               "training": {**base_spec["training"], "lr": lr}, "output": str(out / "adapters" / name)}
-        if method == "wrong_task_expert":
-            raw["sources"] = [{"adapter": str(wrong_expert), "base": str(source_base), "id": f"gemma3-{wt}"}]
-        spec_file.write_text(yaml.safe_dump(raw))
-        spec = load_spec(spec_file)
-        if name in reports:  # trained earlier in this run (the sweep's run at the chosen lr)
-            return spec.output
-        if args.resume and completed(spec):
-            log(f"{name}: reused")
-        else:
-            t = time.perf_counter()
-            run_strategy(spec, use_ray=args.ray)
-            report = json.loads((spec.output / "fusion_report.json").read_text())
-            teacher = "; ".join(f"{k}: {v['answers']} answers, {v['dropped_chunks']}/{v['chunks']} chunks dropped"
-                                for k, v in (report.get("teacher") or {}).items())
-            log(f"{name}: {time.perf_counter() - t:.0f} s; terms {report['history'][-1]['terms']}; "
-                f"teacher {teacher or 'none'}")
-        reports[name] = json.loads((spec.output / "fusion_report.json").read_text())
-        return spec.output
-
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
 
-    def evaluate(name: str, base: Path, adapter: Path | None, tasks: list[str], which: str = "test"
-                 ) -> dict[str, list[tuple]]:
+    def eval_file(name: str, which: str) -> Path:
+        return eval_dir / (f"{name}.json" if which == "test" else f"{name}.{which}.json")
+
+    def evaluate(name: str, base: Path, adapter: Path | None, tasks: list[str], which: str = "test",
+                 reuse: bool = False) -> dict[str, list[tuple]]:
+        """Per-record counts of ``adapter`` on ``which`` split, cached in eval/ (reused with --resume, or with
+        ``reuse`` when this invocation wrote it)."""
         records = splits[which]
-        path = eval_dir / (f"{name}.json" if which == "test" else f"{name}.{which}.json")
+        path = eval_file(name, which)
         key = {"adapter": str(adapter), "weights": (adapter / "adapter_model.safetensors").stat().st_mtime_ns
                if adapter else None, "tasks": tasks, "n": size["test_n"] if which == "test" else size["val_n"]}
         if which != "test":
             key["split"] = which
-        if args.resume and path.is_file() and json.loads(path.read_text())["key"] == key:
+        if (args.resume or reuse) and path.is_file() and json.loads(path.read_text())["key"] == key:
             return json.loads(path.read_text())["counts"]
         model, tok = load_model(base, adapter, device=args.device)
         counts = {}
@@ -276,6 +265,49 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
             counts[t] = example_counts(kinds[t], preds, [str(r["output"]) for r in records[t]])
         path.write_text(json.dumps({"key": key, "counts": counts}))
         return counts
+
+    def overrides(method: str, seed: int, lr: float) -> dict:
+        o = {"strategy": VARIANTS.get(method, method), "seed": seed, "training.lr": lr}
+        if method == "wrong_task_expert":
+            o["sources"] = [{"adapter": str(wrong_expert), "base": str(source_base), "id": f"gemma3-{wt}"}]
+        return o
+
+    def train(keys: list[tuple[str, int, float]], which: str) -> dict[str, Path]:
+        """Train (or reuse) each (method, seed, lr) as one sweep, each run evaluated on ``which`` split in its own
+        task; returns name -> adapter. Runs finished earlier in this invocation are reused, not logged again."""
+        runs = [SweepRun(tag(m, seed, lr), overrides(m, seed, lr)) for m, seed, lr in keys]
+        fresh = not args.resume
+
+        def after(spec, output: Path) -> dict:  # in the run's own process
+            torch.set_num_threads(threads)
+            c = evaluate(spec.name, target_base, output, [tt, st], which)
+            return {f"{which} {t}": micro_f1(c[t]) for t in (tt, st)}
+
+        def on_row(row: dict) -> None:
+            if row["name"] in reports:
+                return
+            if row["status"] == "reused":
+                log(f"{row['name']}: reused")
+            elif row["status"] == "trained":
+                report = json.loads(Path(row["report"]).read_text())
+                teacher = "; ".join(f"{k}: {v['answers']} answers, {v['dropped_chunks']}/{v['chunks']} chunks "
+                                    f"dropped" for k, v in (report.get("teacher") or {}).items())
+                log(f"{row['name']}: {row['seconds']:.0f} s; terms {report['history'][-1]['terms']}; "
+                    f"teacher {teacher or 'none'}")
+
+        result = run_sweep(base_spec, runs, out, address=args.address, cpus_per_run=threads,
+                           use_ray=args.parallel > 1, after=after,
+                           resume=set(reports) if fresh else True, on_row=on_row)
+        if result.failed:
+            raise SystemExit("runs failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in result.failed))
+        for row in result.rows:
+            reports[row["name"]] = json.loads(Path(row["report"]).read_text())
+        return {row["name"]: Path(row["output"]) for row in result.rows}
+
+    if args.parallel > 1:
+        from hetero_ray.runners.ray.driver import ensure_ray
+
+        ensure_ray(args.address, num_cpus=args.parallel * threads)
 
     # 1. lr sweep on the validation split, first seed; each trained method gets the lr it does best with
     t0 = time.perf_counter()
@@ -287,27 +319,29 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         c = evaluate("target_only-0", target_base, target_expert, [tt, st], "val")
         target_val, se_val = micro_f1(c[tt]), bootstrap_se([[tuple(x) for x in c[tt]]])
         log(f"validation target_only: {tt} {target_val:.3f} (1 SE {se_val:.3f}), {st} {micro_f1(c[st]):.3f}")
-    for method in trained:
-        if len(grid) == 1:
-            chosen[method] = grid[0]
-            continue
-        for lr in grid:
-            c = evaluate(tag(method, seeds[0], lr), target_base, train(method, seeds[0], lr), [tt, st], "val")
-            sweep.setdefault(method, {})[lr] = {t: micro_f1(c[t]) for t in (tt, st)}
-            log(f"validation {method} lr {lr:g}: " + ", ".join(f"{t} {micro_f1(c[t]):.3f}" for t in (tt, st)))
-        chosen[method] = choose_lr(sweep[method], target_val, se_val, tt, st)
-        log(f"{method}: lr {chosen[method]:g} chosen")
+    if len(grid) == 1:
+        chosen = dict.fromkeys(trained, grid[0])
+    elif trained:
+        swept = train([(m, seeds[0], lr) for m in trained for lr in grid], "val")
+        for method in trained:
+            for lr in grid:
+                name = tag(method, seeds[0], lr)
+                c = evaluate(name, target_base, swept[name], [tt, st], "val", reuse=True)
+                sweep.setdefault(method, {})[lr] = {t: micro_f1(c[t]) for t in (tt, st)}
+                log(f"validation {method} lr {lr:g}: " + ", ".join(f"{t} {micro_f1(c[t]):.3f}" for t in (tt, st)))
+            chosen[method] = choose_lr(sweep[method], target_val, se_val, tt, st)
+            log(f"{method}: lr {chosen[method]:g} chosen")
     timings["sweep_s"] = time.perf_counter() - t0
 
     # 2. every seed at the chosen lr
     t0 = time.perf_counter()
     adapters: dict[str, dict[int, Path]] = {}
-    for method in methods:
-        if method == "target_only":  # the target's own expert, unchanged
-            adapters[method] = {seeds[0]: target_expert}
-            continue
-        for seed in seeds:
-            adapters.setdefault(method, {})[seed] = train(method, seed, chosen[method])
+    if "target_only" in methods:  # the target's own expert, unchanged
+        adapters["target_only"] = {seeds[0]: target_expert}
+    if trained:
+        paths = train([(m, seed, chosen[m]) for m in trained for seed in seeds], "test")
+        for m in trained:
+            adapters[m] = {seed: paths[tag(m, seed, chosen[m])] for seed in seeds}
     timings["fusion_s"] = time.perf_counter() - t0
 
     # 3. evaluation on the held-out test splits; per-record counts kept for the paired bootstrap
@@ -319,14 +353,14 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     for method, per_seed in adapters.items():
         for seed, path in per_seed.items():
             name = f"{method}-{seed}" if method == "target_only" else tag(method, seed, chosen[method])
-            c = evaluate(name, target_base, path, [tt, st])
+            c = evaluate(name, target_base, path, [tt, st], reuse=method != "target_only")
             for t in (tt, st):
                 counts.setdefault(method, {}).setdefault(t, []).append([tuple(x) for x in c[t]])
             ratios.setdefault(method, []).append(update_ratio(path, target_expert))
             log(f"eval {method} seed {seed}: " + ", ".join(f"{t} {micro_f1(c[t]):.3f}" for t in (tt, st)))
             # how good the run's teacher was on the prompts it answered (their labels are known here only)
             for sid, summary in ((reports.get(name) or {}).get("teacher") or {}).items():
-                sig = out / "runs" / "teacher-cache" / f"{sid}-{summary.get('key')}" / "signals.json"
+                sig = out / "state" / "teacher-cache" / f"{sid}-{summary.get('key')}" / "signals.json"
                 if method not in teacher_f1 and sig.is_file():
                     answers = [it["answer"] for it in json.loads(sig.read_text())["items"]]
                     teacher_f1[method] = micro_f1(example_counts(kinds[st], answers, gold[: len(answers)]))
@@ -392,7 +426,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     (out / "results.md").write_text(md)
     settings = {"size": args.size, **size, "seeds": seeds, "lr_grid": grid, "objective": objective, "net": args.net,
                 "target_task": tt, "source_task": st, "wrong_task": wt, "target": str(target_base),
-                "source": str(source_base), "path": "ray+deepspeed" if args.ray else "in-process",
+                "source": str(source_base), "parallel": args.parallel, "threads": threads,
                 "device": args.device}
     (out / "results.json").write_text(json.dumps({"settings": settings, "timings_s": timings, "scores": scores,
                                                   "lr": chosen, "sweep": sweep, "update_ratio": ratios,

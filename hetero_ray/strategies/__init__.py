@@ -12,6 +12,7 @@ strategy, and writes one output with one report schema (:func:`hetero_ray.io.exp
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -83,15 +84,20 @@ def describe() -> list[dict]:
 
 def completed(spec: FusionSpec) -> bool:
     """True when ``spec.output`` already holds a finished output of this very spec: outputs are renamed into
-    place only when complete, and their report carries the run name, which hashes the resolved spec. Inputs
-    are named by path, so a caller that rebuilds inputs in place must not rely on this."""
+    place only when complete, and their report carries the run name and the resolved spec, both compared here
+    (a named run whose settings changed is not complete). Inputs are named by path, so a caller that rebuilds
+    inputs in place must not rely on this."""
     report = spec.output / "fusion_report.json"
     if not (spec.output / "adapter_model.safetensors").is_file() or not report.is_file():
         return False
     try:
-        return json.loads(report.read_text()).get("name") == spec.resolved_name()
+        found = json.loads(report.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    if not isinstance(found, dict) or found.get("name") != spec.resolved_name():
+        return False
+    written = hashlib.sha256(json.dumps(found.get("spec"), sort_keys=True).encode()).hexdigest()
+    return written == spec.digest()
 
 
 def run_strategy(spec: FusionSpec, address: str | None = None, use_ray: bool = True,

@@ -82,9 +82,14 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     log = _run(bench_inputs, out, "--resume")
     assert log.count("reused") == 12 and weights.stat().st_mtime_ns == before
     # another objective makes every spec different: nothing is reused
-    log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--lr", "1e-3",
+    # ... and trained two at a time as a sweep on Ray, each run evaluated in its own task
+    log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--lr", "1e-3", "--parallel", "2", "--threads", "1",
                "--objective", '{"paper": 1.0, "distill": 0.5}')
     assert "reused" not in log
+    table = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [r["status"] for r in table] == ["trained"] * 4
+    assert len({r["pid"] for r in table}) > 1 and os.getpid() not in {r["pid"] for r in table}
+    assert all(set(r["metrics"]) == {"test mit-movie", "test mit-restaurant"} for r in table)
     assert weights.stat().st_mtime_ns == before  # seed 1 was not asked for
 
 
