@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import traceback
 from collections.abc import Callable, Container, Mapping, Sequence
@@ -37,11 +38,13 @@ from typing import Any
 
 import yaml
 
-from hetero_ray.errors import SpecError
+from hetero_ray.errors import HeteroRayError, SpecError
+from hetero_ray.io.outputs import check_spares_inputs
 from hetero_ray.spec import FusionSpec, apply_overrides, parse_spec, read_spec_file
 
 SWEEP_SCHEMA = "hetero-ray/sweep/1"
 SETTING_KEYS = {"training.lr": "lr", "strategy": "", "seed": "s"}  # short forms in run names
+SWEEP_OWNS = ("name", "output", "overwrite", "cluster.storage")  # set by the sweep for every run
 
 
 @dataclass(frozen=True)
@@ -123,13 +126,23 @@ def sweep_specs(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str |
     if not runs:
         raise SpecError("sweep: no runs")
     specs = {}
+    spec_file = None if isinstance(spec, Mapping) else Path(spec)
     for run in runs:
         where = f"{origin} (sweep run {run.name})"
+        owned = sorted(set(run.overrides) & set(SWEEP_OWNS))
+        if owned:
+            raise SpecError(f"{where}: {', '.join(owned)}: set by the sweep for each run (the name, and "
+                            "OUT/adapters/NAME, OUT/state), not a sweep axis")
         data = apply_overrides(copy.deepcopy(raw), dict(run.overrides), where)
         data["name"], data["output"], data["overwrite"] = run.name, str(out / "adapters" / run.name), True
         data["cluster"] = {**(data.get("cluster") or {}), "storage": str(out / "state")}
         loaded = parse_spec(data, root, origin=where)
-        loaded.check_files(origin=where)
+        loaded.check_files(origin=where, spec_file=spec_file)
+        protected = {**loaded.input_paths(), **loaded._adapter_bases(),
+                     **({"spec file": spec_file} if spec_file else {})}
+        for name, path in {"OUT/specs": out / "specs", "OUT/sweep.json": out / "sweep.json",
+                           "OUT/sweep.md": out / "sweep.md"}.items():
+            check_spares_inputs(path, protected, where, field=name)
         specs[run.name] = loaded
     return specs
 
@@ -193,20 +206,29 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
     RAY_ADDRESS, else a local instance with one logical CPU per core."""
     out = Path(out).resolve()
     specs = sweep_specs(spec, runs, out)
+    on_gpu = sorted(n for n, s in specs.items() if s.cluster.use_gpu)
+    if use_ray and on_gpu and gpus_per_run <= 0:
+        raise SpecError(f"sweep: runs {on_gpu[:3]}{'...' if len(on_gpu) > 3 else ''} set cluster.use_gpu: give "
+                        "gpus_per_run (--gpus-per-run; a fraction shares a GPU) so that Ray places them on GPUs")
     out.mkdir(parents=True, exist_ok=True)
     (out / "specs").mkdir(exist_ok=True)
     for run in runs:
-        (out / "specs" / f"{run.name}.yaml").write_text(
-            yaml.safe_dump(specs[run.name].model_dump(mode="json"), sort_keys=False))
-    rows: dict[str, dict] = {}
+        _write_atomic(out / "specs" / f"{run.name}.yaml",
+                      yaml.safe_dump(specs[run.name].model_dump(mode="json"), sort_keys=False))
+    if isinstance(resume, str):
+        raise TypeError("resume: True, False, or a collection of run names (not one string)")
     reuse = {r.name: resume if isinstance(resume, bool) else r.name in resume for r in runs}
+    rows: dict[str, dict] = {}
 
     def record(run: SweepRun, result: dict) -> None:
         rows[run.name] = _row(run, specs[run.name], result)
         ordered = [rows[r.name] for r in runs if r.name in rows]
         _write_table(out, ordered, cpus_per_run, gpus_per_run)
         if on_row:
-            on_row(rows[run.name])
+            try:
+                on_row(rows[run.name])
+            except Exception as e:  # noqa: BLE001 - a caller's display hook must not lose the other runs' rows
+                print(f"hetero-ray sweep: on_row failed for {run.name}: {type(e).__name__}: {e}", file=sys.stderr)
 
     if not use_ray:
         for run in runs:
@@ -217,6 +239,7 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
         from hetero_ray.runners.ray.driver import ensure_ray
 
         ensure_ray(address, num_cpus=os.cpu_count() or 1)
+        check_fits(cpus_per_run, gpus_per_run)
         task = ray.remote(_run_one).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
         pending = {task.remote(specs[r.name].model_dump(mode="json"), math.ceil(cpus_per_run), after,
                                reuse[r.name]): r
@@ -234,10 +257,25 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
     return SweepResult(out, [rows[r.name] for r in runs])
 
 
+def check_fits(cpus_per_run: float, gpus_per_run: float) -> None:
+    """Raise unless some live node of the connected cluster can hold one run (else Ray would wait forever)."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not any(r.get("CPU", 0) >= cpus_per_run and r.get("GPU", 0) >= gpus_per_run for r in nodes):
+        biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+        raise HeteroRayError(f"sweep: a run asks for {cpus_per_run:g} CPUs and {gpus_per_run:g} GPUs, but no node "
+                             f"of the cluster has that much (the largest: {biggest.get('CPU', 0):g} CPUs, "
+                             f"{biggest.get('GPU', 0):g} GPUs): lower cpus_per_run / gpus_per_run")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_table(out: Path, rows: list[dict], cpus: float, gpus: float) -> None:
-    result = SweepResult(out, rows)
     payload = {"schema": SWEEP_SCHEMA, "resources_per_run": {"cpus": cpus, "gpus": gpus}, "rows": rows}
-    tmp = out / f".sweep.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, out / "sweep.json")
-    (out / "sweep.md").write_text(result.markdown())
+    _write_atomic(out / "sweep.json", json.dumps(payload, indent=1, default=str))
+    _write_atomic(out / "sweep.md", SweepResult(out, rows).markdown())

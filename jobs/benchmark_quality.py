@@ -173,7 +173,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     seeds = args.seeds if args.seeds is not None else size["seeds"]
     if not seeds:
         ap.error("--seeds: at least one")
-    grid = [args.lr] if args.lr else sorted(args.lr_grid or size["lr_grid"])
+    grid = [args.lr] if args.lr else sorted(set(args.lr_grid or size["lr_grid"]))
     objective = json.loads(args.objective)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -296,6 +296,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
                     f"teacher {teacher or 'none'}")
 
         result = run_sweep(base_spec, runs, out, address=args.address, cpus_per_run=threads,
+                           gpus_per_run=1 / args.parallel if args.device == "cuda" else 0,
                            use_ray=args.parallel > 1, after=after,
                            resume=set(reports) if fresh else True, on_row=on_row)
         if result.failed:

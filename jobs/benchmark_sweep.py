@@ -96,7 +96,7 @@ def main() -> None:
         ray.shutdown()
         bad = [r["name"] for r in serial.rows + swept.rows if r["status"] != "trained"]
         if bad:
-            raise SystemExit(f"runs that did not train: {bad}")
+            raise SystemExit(f"runs that did not train (failed, or reused from an earlier --keep run): {bad}")
         same = all(
             all(bool((a[k] == b[k]).all()) for k in a)
             for x, y in zip(serial.rows, swept.rows, strict=True)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from hetero_ray.errors import SpecError
+from hetero_ray.errors import HeteroRayError, OutputError, SpecError
 from hetero_ray.sweep import SweepRun, grid, run_name, run_sweep, sweep_specs
 from tests.helpers import make_spec
 
@@ -63,6 +63,15 @@ def test_specs_are_validated_before_any_run(zoo, tmp_path):
         sweep_specs(spec, [SweepRun("a"), SweepRun("a", {"seed": 1})], out)
     with pytest.raises(SpecError, match="unknown strategy"):
         run_sweep(spec, [SweepRun("x", {"strategy": "nope"})], out, use_ray=False)
+    with pytest.raises(SpecError, match="output: set by the sweep"):
+        sweep_specs(spec, [SweepRun("x", {"output": "elsewhere"})], out)
+    # the sweep's own files never land on an input: here OUT/specs would hold the spec file itself
+    inside = tmp_path / "o" / "specs" / "s0.yaml"
+    inside.parent.mkdir(parents=True)
+    inside.write_text(spec.read_text())
+    with pytest.raises(OutputError, match="OUT/specs.*contains the input spec file"):
+        sweep_specs(inside, grid({"seed": [0]}), tmp_path / "o")
+    assert inside.read_text() == spec.read_text()
     assert not (out / "adapters").exists()  # nothing ran
     specs = sweep_specs(spec, grid({"seed": [0, 1]}), out)
     assert {s.output for s in specs.values()} == {out.resolve() / "adapters" / "s0", out.resolve() / "adapters" / "s1"}
@@ -111,6 +120,8 @@ def test_concurrent_runs_on_ray_match_runs_alone(zoo, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # `after` is defined here, not in the package
     try:
         together = run_sweep(spec, runs, tmp_path / "together", after=adapter_norm)
+        with pytest.raises(HeteroRayError, match="no node of the cluster has that much"):  # not a silent wait
+            run_sweep(spec, runs, tmp_path / "too-big", cpus_per_run=3)
     finally:
         ray.shutdown()
     assert [r["status"] for r in together.rows] == ["trained", "trained"], together.rows

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hetero_ray.controls import Control, control_factors
-from hetero_ray.errors import HeteroRayError
+from hetero_ray.errors import HeteroRayError, OutputError
 from hetero_ray.io.adapters import LoraAdapter, dir_fingerprint
 from hetero_ray.io.outputs import atomic_output_dir
 from hetero_ray.teach.chunks import align_chunks
@@ -195,9 +195,13 @@ def source_signals(spec, index: int, adapter: LoraAdapter, cache: Path | None = 
     out = compute_signals(base, adapter, control, spec.seed, source_id, records, load_tokenizer(spec.target.base),
                           spec.teach.max_new_tokens, spec.teach.batch_size, model, device, excess)
     out["key"] = key
-    if path is not None:
-        with atomic_output_dir(path.parent, overwrite=True) as tmp:
-            (tmp / "signals.json").write_text(json.dumps(out))
+    if path is not None and not path.is_file():  # another run of the same key (a sweep) may have written it
+        try:
+            with atomic_output_dir(path.parent, overwrite=True) as tmp:
+                (tmp / "signals.json").write_text(json.dumps(out))
+        except (OSError, OutputError):
+            if not path.is_file():  # the same content is there unless nobody wrote it
+                raise
     return {**out, "cached": False}
 
 
