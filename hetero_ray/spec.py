@@ -280,6 +280,11 @@ class FusionSpec(_Strict):
             paths.update({f"teach.prompts[{i}].path": r.path for i, r in enumerate(self.teach.prompts)})
         return paths
 
+    def protected_inputs(self, spec_file: Path | None = None) -> dict[str, Path]:
+        """Everything a run reads and must never write to, by field: the inputs, the local bases the adapters
+        name, and the spec file when there is one."""
+        return {**self.input_paths(), **self._adapter_bases(), **({"spec file": spec_file} if spec_file else {})}
+
     def _adapter_bases(self) -> dict[str, Path]:
         """Local base models the adapters name in ``base_model_name_or_path``: read as inputs, so protected."""
         out = {}
@@ -330,7 +335,7 @@ class FusionSpec(_Strict):
             load_records(r.path, r.take, self.seed + i, field=f"{origin}: replay[{i}]")
         for i, r in enumerate(self.teach.prompts if self.teach else []):
             load_records(r.path, r.take, self.seed + i, field=f"{origin}: teach.prompts[{i}]", need_output=False)
-        protected = {**inputs, **self._adapter_bases(), **({"spec file": spec_file} if spec_file else {})}
+        protected = self.protected_inputs(spec_file)
         check_spares_inputs(self.output, protected, origin)
         check_replaceable(self.output, self.overwrite, f"{origin}: output")
         run_dir = self.run_dir()

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from hetero_ray.errors import HeteroRayError, SpecError
+from hetero_ray.errors import SpecError
 from hetero_ray.io.outputs import check_spares_inputs
 from hetero_ray.spec import FusionSpec, apply_overrides, parse_spec, read_spec_file
 
@@ -86,9 +86,6 @@ class SweepResult:
     @property
     def failed(self) -> list[dict]:
         return [r for r in self.rows if r["status"] == "failed"]
-
-    def row(self, name: str) -> dict:
-        return next(r for r in self.rows if r["name"] == name)
 
     def markdown(self) -> str:
         metric_keys = sorted({k for r in self.rows for k in (r.get("metrics") or {})})
@@ -138,8 +135,7 @@ def sweep_specs(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str |
         data["cluster"] = {**(data.get("cluster") or {}), "storage": str(out / "state")}
         loaded = parse_spec(data, root, origin=where)
         loaded.check_files(origin=where, spec_file=spec_file)
-        protected = {**loaded.input_paths(), **loaded._adapter_bases(),
-                     **({"spec file": spec_file} if spec_file else {})}
+        protected = loaded.protected_inputs(spec_file)
         for name, path in {"OUT/specs": out / "specs", "OUT/sweep.json": out / "sweep.json",
                            "OUT/sweep.md": out / "sweep.md"}.items():
             check_spares_inputs(path, protected, where, field=name)
@@ -204,8 +200,11 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
     this process (the reference); ``resume=False`` trains every run again (or give the names of the runs that
     may be reused). ``address``: a Ray cluster; default: the one this process is connected to, else
     RAY_ADDRESS, else a local instance with one logical CPU per core."""
+    if isinstance(resume, str):
+        raise TypeError("resume: True, False, or a collection of run names (not one string)")
     out = Path(out).resolve()
     specs = sweep_specs(spec, runs, out)
+    dumps = {name: s.model_dump(mode="json") for name, s in specs.items()}
     on_gpu = sorted(n for n, s in specs.items() if s.cluster.use_gpu)
     if use_ray and on_gpu and gpus_per_run <= 0:
         raise SpecError(f"sweep: runs {on_gpu[:3]}{'...' if len(on_gpu) > 3 else ''} set cluster.use_gpu: give "
@@ -213,10 +212,7 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
     out.mkdir(parents=True, exist_ok=True)
     (out / "specs").mkdir(exist_ok=True)
     for run in runs:
-        _write_atomic(out / "specs" / f"{run.name}.yaml",
-                      yaml.safe_dump(specs[run.name].model_dump(mode="json"), sort_keys=False))
-    if isinstance(resume, str):
-        raise TypeError("resume: True, False, or a collection of run names (not one string)")
+        _write_atomic(out / "specs" / f"{run.name}.yaml", yaml.safe_dump(dumps[run.name], sort_keys=False))
     reuse = {r.name: resume if isinstance(resume, bool) else r.name in resume for r in runs}
     rows: dict[str, dict] = {}
 
@@ -232,18 +228,16 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
 
     if not use_ray:
         for run in runs:
-            record(run, _run_one(specs[run.name].model_dump(mode="json"), cpus_per_run, after, reuse[run.name]))
+            record(run, _run_one(dumps[run.name], cpus_per_run, after, reuse[run.name]))
     else:
         import ray
 
-        from hetero_ray.runners.ray.driver import ensure_ray
+        from hetero_ray.runners.ray.driver import check_task_fits, ensure_ray
 
         ensure_ray(address, num_cpus=os.cpu_count() or 1)
-        check_fits(cpus_per_run, gpus_per_run)
+        check_task_fits(cpus_per_run, gpus_per_run, "sweep: a run")
         task = ray.remote(_run_one).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
-        pending = {task.remote(specs[r.name].model_dump(mode="json"), math.ceil(cpus_per_run), after,
-                               reuse[r.name]): r
-                   for r in runs}
+        pending = {task.remote(dumps[r.name], math.ceil(cpus_per_run), after, reuse[r.name]): r for r in runs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(done[0])
@@ -255,18 +249,6 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
                           "error": f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"}
             record(run, result)
     return SweepResult(out, [rows[r.name] for r in runs])
-
-
-def check_fits(cpus_per_run: float, gpus_per_run: float) -> None:
-    """Raise unless some live node of the connected cluster can hold one run (else Ray would wait forever)."""
-    import ray
-
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if not any(r.get("CPU", 0) >= cpus_per_run and r.get("GPU", 0) >= gpus_per_run for r in nodes):
-        biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
-        raise HeteroRayError(f"sweep: a run asks for {cpus_per_run:g} CPUs and {gpus_per_run:g} GPUs, but no node "
-                             f"of the cluster has that much (the largest: {biggest.get('CPU', 0):g} CPUs, "
-                             f"{biggest.get('GPU', 0):g} GPUs): lower cpus_per_run / gpus_per_run")
 
 
 def _write_atomic(path: Path, text: str) -> None:

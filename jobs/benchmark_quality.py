@@ -243,15 +243,12 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
 
-    def eval_file(name: str, which: str) -> Path:
-        return eval_dir / (f"{name}.json" if which == "test" else f"{name}.{which}.json")
-
     def evaluate(name: str, base: Path, adapter: Path | None, tasks: list[str], which: str = "test",
                  reuse: bool = False) -> dict[str, list[tuple]]:
         """Per-record counts of ``adapter`` on ``which`` split, cached in eval/ (reused with --resume, or with
         ``reuse`` when this invocation wrote it)."""
         records = splits[which]
-        path = eval_file(name, which)
+        path = eval_dir / (f"{name}.json" if which == "test" else f"{name}.{which}.json")
         key = {"adapter": str(adapter), "weights": (adapter / "adapter_model.safetensors").stat().st_mtime_ns
                if adapter else None, "tasks": tasks, "n": size["test_n"] if which == "test" else size["val_n"]}
         if which != "test":
@@ -276,7 +273,6 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         """Train (or reuse) each (method, seed, lr) as one sweep, each run evaluated on ``which`` split in its own
         task; returns name -> adapter. Runs finished earlier in this invocation are reused, not logged again."""
         runs = [SweepRun(tag(m, seed, lr), overrides(m, seed, lr)) for m, seed, lr in keys]
-        fresh = not args.resume
 
         def after(spec, output: Path) -> dict:  # in the run's own process
             torch.set_num_threads(threads)
@@ -298,7 +294,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         result = run_sweep(base_spec, runs, out, address=args.address, cpus_per_run=threads,
                            gpus_per_run=1 / args.parallel if args.device == "cuda" else 0,
                            use_ray=args.parallel > 1, after=after,
-                           resume=set(reports) if fresh else True, on_row=on_row)
+                           resume=True if args.resume else set(reports), on_row=on_row)
         if result.failed:
             raise SystemExit("runs failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in result.failed))
         for row in result.rows:

@@ -93,6 +93,18 @@ def check_resources(spec: FusionSpec) -> None:
                            f"{total.get('GPU', 0):g} GPUs")
 
 
+def check_task_fits(cpus: float, gpus: float, what: str) -> None:
+    """Refuse a task that no live node can hold (Ray would keep it pending forever): ``what`` names it."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        biggest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+        raise ClusterError(f"{what} asks for {cpus:g} CPUs and {gpus:g} GPUs, but no node of the cluster has that "
+                           f"much (the largest: {biggest.get('CPU', 0):g} CPUs, {biggest.get('GPU', 0):g} GPUs): "
+                           "lower cpus_per_run / gpus_per_run")
+
+
 ACTOR_CPUS = 0.5
 
 
