@@ -20,8 +20,10 @@ from hetero_ray.families import ModelDims, Topology, build_topology, detect_fami
 from hetero_ray.io.adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, LoraAdapter, config_only_adapter
 from hetero_ray.runners.prepare import alignment_plan, net_configs, open_adapter, resolve_block_size, sequence_lengths
 from hetero_ray.spec import FusionSpec
+from hetero_ray.train.partition import group_costs, resolve
 
 GIB = 1 << 30
+GPU_GIB = 80e9 / GIB  # an 80 GB accelerator (H100/A100 80GB), in GiB
 
 # The paper's target and source models: their published config.json values that planning needs
 # (tests/test_check.py and jobs/benchmark_memory.py plan and measure at this scale).
@@ -118,7 +120,7 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = 
 
 def memory_per_worker(net_params: int, largest_group: int, zero_stage: int, workers: int, dtype: str,
                       target_params: int, target_config: dict, tokens_bytes: int, seq_len: int, batch: int,
-                      transfer_activations: int = 0) -> dict:
+                      transfer_activations: int = 0, exchange_bytes: int = 0) -> dict:
     """Bytes per worker.
 
     Held throughout: the transfer nets' weights, gradients and AdamW states (2 fp32 states; bf16 adds fp32
@@ -148,8 +150,9 @@ def memory_per_worker(net_params: int, largest_group: int, zero_stage: int, work
                                                  + 5 * heads * seq_len**2 * batch)
     step = 4 * net_params / (n if zero_stage >= 1 else 1)
     out = {"transfer_nets": nets, "frozen_target": w * target_params, "candidate_tokens": tokens_bytes,
-           "target_activations": acts, "transfer_activations": transfer_activations, "optimizer_step": step}
-    out["total"] = nets + w * target_params + tokens_bytes + max(acts + transfer_activations, step)
+           "target_activations": acts, "transfer_activations": transfer_activations, "optimizer_step": step,
+           "exchange": exchange_bytes}
+    out["total"] = nets + w * target_params + tokens_bytes + exchange_bytes + max(acts + transfer_activations, step)
     return {k: round(v / GIB, 3) for k, v in out.items()}
 
 
@@ -173,9 +176,9 @@ def check(spec: FusionSpec) -> dict:
     tokens = {g: {"modules": len(es), "target_tokens_per_module": lengths[g][0],
                   "source_tokens": sum(sum(math.ceil(f.d_in / block) + math.ceil(f.d_out / block) for f in e.feeds)
                                        for e in es)} for g, es in groups.items()}
-    token_bytes = 4 * sum(cfgs[g].block_size * cfgs[g].rank * (t["source_tokens"] + t["modules"]
-                                                                * t["target_tokens_per_module"])
-                          for g, t in tokens.items())
+    group_token_bytes = {g: 4 * cfgs[g].block_size * cfgs[g].rank * (t["source_tokens"] + t["modules"]
+                                                                   * t["target_tokens_per_module"])
+                         for g, t in tokens.items()}
     params = {g: c.num_parameters() for g, c in cfgs.items()}
     total = sum(params.values())
     target_params = base_model_params(tconfig)
@@ -184,13 +187,41 @@ def check(spec: FusionSpec) -> dict:
         t["activation_bytes"] = transfer_activation_bytes(cfgs[g], t["modules"], lengths[g][0], lengths[g][1],
                                                           t["source_tokens"], spec.method.num_projections, w_bytes,
                                                           spec.method.rdm_max_samples, spec.method.rdm_sort_budget)
-    transfer_acts = sum(t["activation_bytes"] for t in tokens.values())
-    est = {
-        w: memory_per_worker(total, max(params.values(), default=0), spec.cluster.zero_stage, w, spec.cluster.dtype,
-                             target_params, tconfig, token_bytes, spec.training.max_length, spec.training.batch_size,
-                             transfer_acts)
-        for w in sorted({1, 2, 4, 8, spec.cluster.workers})
-    }
+    costs = group_costs(lengths, {g: t["modules"] for g, t in tokens.items()})
+    db_bytes = 4 * sum(target.modules[e.module].d_out * e.rank for e in plan.entries if e.feeds)
+
+    def estimate(workers: int, mode: str) -> dict:
+        """The most loaded worker's memory with ``workers`` workers and ``cluster.partition`` = ``mode``."""
+        owners = resolve(mode, workers, costs)
+        if owners is None:
+            return {**memory_per_worker(total, max(params.values(), default=0), spec.cluster.zero_stage, workers,
+                                        spec.cluster.dtype, target_params, tconfig, sum(group_token_bytes.values()),
+                                        spec.training.max_length, spec.training.batch_size,
+                                        sum(t["activation_bytes"] for t in tokens.values())),
+                    "layout": "replicate"}
+        # an owner holds its groups' nets, states, tokens and activations whole (ZeRO-0), and the exchange's
+        # buffers: every module's dB, the gradients on it, and their all-reduced mean
+        parts = [{**memory_per_worker(sum(params[g] for g in own), max(params[g] for g in own), 0, 1,
+                                      spec.cluster.dtype, target_params, tconfig,
+                                      sum(group_token_bytes[g] for g in own), spec.training.max_length,
+                                      spec.training.batch_size, sum(tokens[g]["activation_bytes"] for g in own),
+                                      3 * db_bytes), "groups": own} for own in owners]
+        return {**max(parts, key=lambda m: m["total"]), "layout": "groups"}
+
+    resolve(spec.cluster.partition, spec.cluster.workers, costs)  # what fuse would refuse, refused here too
+    counts = sorted({1, 2, 4, 8, spec.cluster.workers})
+    est = {w: estimate(w, spec.cluster.partition) for w in counts
+           if spec.cluster.partition != "groups" or w <= len(costs)}
+    layouts = {"replicate": {w: estimate(w, "replicate") for w in counts}}
+    if len(costs) > 1:
+        layouts["groups"] = {w: estimate(w, "groups") for w in sorted({*counts, len(costs)}) if w <= len(costs)}
+
+    def fewest(layout: str) -> int | None:
+        """The fewest 80 GB workers whose most loaded one fits (owners: at most one per group)."""
+        limit = len(costs) if layout == "groups" else 64
+        return next((w for w in range(1, limit + 1) if estimate(w, layout)["total"] <= GPU_GIB), None)
+
+    gpus = {layout: fewest(layout) for layout in layouts}
     rows = []
     for e in sorted(plan.entries, key=lambda e: (e.layer, e.role)):
         for f in e.feeds:
@@ -209,7 +240,8 @@ def check(spec: FusionSpec) -> dict:
         "transfer_nets": {g: {**cfgs[g].to_dict(), "params": p} for g, p in params.items()},
         "transfer_net_params": total,
         "zero_stage": spec.cluster.zero_stage, "dtype": spec.cluster.dtype,
-        "memory_gib_per_worker": est, "alignment": rows,
+        "memory_gib_per_worker": est, "memory_by_layout": layouts, "gpus_80gb": gpus,
+        "partition": spec.cluster.partition, "alignment": rows,
     }
 
 
@@ -226,12 +258,15 @@ def format_check(report: dict) -> str:
         lines.append(f"{g:<10} {t['modules']:>7}  {t['target_tokens_per_module']:>14}  {t['source_tokens']:>10}  "
                      f"{report['transfer_nets'][g]['params'] / 1e6:>17.1f}M")
     lines.append(f"total transfer-net parameters: {report['transfer_net_params'] / 1e6:.1f}M")
-    lines.append(f"memory per worker (GiB), ZeRO-{report['zero_stage']}, {report['dtype']}:")
+    lines.append(f"memory per worker (GiB; the most loaded one), partition {report['partition']}, "
+                 f"ZeRO-{report['zero_stage']} where nets are replicated, {report['dtype']}:")
     for w, m in report["memory_gib_per_worker"].items():
-        lines.append(f"  {w} worker(s): total {m['total']:.2f} = transfer nets {m['transfer_nets']:.2f} + target "
-                     f"{m['frozen_target']:.2f} + tokens {m['candidate_tokens']:.2f} + max(activations "
-                     f"{m['target_activations']:.2f} target + {m['transfer_activations']:.2f} transfer nets, "
-                     f"optimizer step {m['optimizer_step']:.2f})")
+        lines.append(f"  {w} worker(s), {m['layout']}: total {m['total']:.2f} = transfer nets {m['transfer_nets']:.2f} "
+                     f"+ target {m['frozen_target']:.2f} + tokens {m['candidate_tokens']:.2f} + exchange "
+                     f"{m['exchange']:.2f} + max(activations {m['target_activations']:.2f} target + "
+                     f"{m['transfer_activations']:.2f} transfer nets, optimizer step {m['optimizer_step']:.2f})")
+    need = ", ".join(f"{layout}: {n if n else 'does not fit'}" for layout, n in report["gpus_80gb"].items())
+    lines.append(f"80 GB workers needed (fewest whose most loaded worker fits): {need}")
     lines.append("alignment (target layer x role <- source layer, offset, rank, padding rows):")
     for r in report["alignment"]:
         lines.append(f"  L{r['target_layer']:>3} {r['role']:<5} <- {r['source']} L{r['source_layer']} "

@@ -135,6 +135,11 @@ class ClusterSpec(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     dtype: Literal["fp32", "bf16"] = "fp32"
+    partition: Literal["auto", "groups", "replicate"] = Field(
+        "auto", description="how workers share the transfer networks: `groups` (each worker owns whole module "
+        "groups: their nets, optimizer state and candidates; dB exchanged once per step), `replicate` (every "
+        "worker holds every net, ZeRO shards them), `auto` (groups when there are at least as many groups as "
+        "workers)")
 
 
 class FusionSpec(_Strict):

@@ -103,7 +103,7 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
-        net = build_net(spec, plan, block, groups).to(device)
+        net = build_net(spec, plan, block, groups, prepared.target).to(device)
         params = sum(p.numel() for p in net.parameters())
         opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
         gen = torch.Generator().manual_seed(0)  # RDM draws on the CPU generator, then moves to the device

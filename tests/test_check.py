@@ -1,6 +1,7 @@
 """`hetero-ray check` at the paper's scale, from configs alone (no weights)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -28,15 +29,20 @@ def _paper_zoo(tmp_path):
     return paths, replay
 
 
-def _spec(tmp_path, workers=2, stage=3):
+def _spec(tmp_path, workers=2, stage=3, partition="replicate", n_sources=2, dtype="bf16"):
     paths, replay = _paper_zoo(tmp_path)
+    adapters = [paths["qwen2.5-7b"][1], paths["mistral-7b"][1]]
+    for i in range(2, n_sources):  # more experts of the same shapes, each in its own directory
+        copy = tmp_path / f"expert-{i}"
+        shutil.copytree(adapters[i % 2], copy)
+        adapters.append(copy)
     return parse_spec({
         "output": str(tmp_path / "out"),
         "target": {"base": str(paths["llama-3.1-8b"][0]), "adapter": str(paths["llama-3.1-8b"][1])},
-        "sources": [{"adapter": str(paths["qwen2.5-7b"][1])}, {"adapter": str(paths["mistral-7b"][1])}],
+        "sources": [{"adapter": str(a)} for a in adapters[:n_sources]],
         "replay": [{"path": str(replay)}],
         "method": {"preset": "paper"},
-        "cluster": {"workers": workers, "zero_stage": stage, "dtype": "bf16"},
+        "cluster": {"workers": workers, "zero_stage": stage, "dtype": dtype, "partition": partition},
     })
 
 
@@ -127,3 +133,31 @@ def test_paper_scale_step_peak_is_the_optimizer_temporary(tmp_path):
     assert mem["optimizer_step"] > mem["transfer_activations"]  # at this scale the step sets the peak
     nets_peak = mem["transfer_nets"] + mem["candidate_tokens"] + mem["optimizer_step"]
     assert abs(nets_peak - 14.52) / 14.52 < 0.05, mem
+
+
+def _nets_share(m):
+    """What the transfer networks cost a worker: their states, tokens, activations and exchange buffers."""
+    return m["transfer_nets"] + m["candidate_tokens"] + m["transfer_activations"] + m["exchange"]
+
+
+def test_groups_partition_divides_the_transfer_net_memory_at_64_sources(tmp_path, capsys):
+    """Paper scale, 64 sources, fp32: workers that own module groups each hold about their share of the
+    nets, their states, tokens and activations; replicated nets under ZeRO-3 shard only the states."""
+    spec = _spec(tmp_path, workers=4, partition="groups", n_sources=64, dtype="fp32")
+    report = check(spec)
+    groups, replicate = report["memory_by_layout"]["groups"], report["memory_by_layout"]["replicate"]
+    one = _nets_share(groups[1])
+    assert groups[1] == replicate[1] and groups[2]["layout"] == "groups"
+    assert _nets_share(groups[2]) <= 0.6 * one and _nets_share(groups[4]) <= 0.35 * one
+    assert _nets_share(replicate[4]) > 0.6 * one  # ZeRO-3 leaves tokens and activations whole on each worker
+    owned = sorted(g for g in groups[4]["groups"])
+    assert owned and set(owned) <= set(report["groups"])
+    assert report["memory_gib_per_worker"][4] == groups[4]
+    assert set(report["gpus_80gb"]) == {"groups", "replicate"}
+    spec_file = tmp_path / "spec.yaml"
+    import yaml
+
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    assert main(["check", str(spec_file)]) == 0
+    out = capsys.readouterr().out
+    assert "4 worker(s), groups: total" in out and "80 GB workers needed" in out

@@ -4,8 +4,9 @@ the group inputs they read, and the assembly of their outputs into per-module B 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -55,14 +56,18 @@ def assemble_groups(
     target_topology: Topology,
     candidates: Iterable[Candidate] | None,
     block_size: int,
+    names: Collection[str] | None = None,
 ) -> dict[str, GroupInputs]:
-    """Build every group's inputs from the target adapter and the (unordered) candidate stream.
-    ``candidates=None`` builds target-only groups with empty source sequences (the replay_only control)."""
+    """Build every group's inputs (only those in ``names`` when given: a worker's own groups) from the
+    target adapter and the (unordered) candidate stream. ``candidates=None`` builds target-only groups with
+    empty source sequences (the replay_only control)."""
     by_slot: dict[tuple[str, int], list[Candidate]] = defaultdict(list)
     for c in candidates or ():
         by_slot[(c.group, c.target_layer)].append(c)
     groups = {}
     for name, entries in plan.groups().items():
+        if names is not None and name not in names:
+            continue
         dims = {(e.d_in, e.d_out) for e in entries}
         if len(dims) > 1:
             raise HeteroRayError(f"group {name}: target modules differ in shape {sorted(dims)}; cannot batch")
@@ -112,17 +117,29 @@ def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
 EXTRA = "_extra_rank"  # the key of the added-rank factors in a net's outputs (not a group)
 
 
+def sub_seed(seed: int, key: str, step: int = 0) -> int:
+    """A seed for one group (or module) and step, independent of which other groups a worker holds, so
+    that nets partitioned across workers start, and draw their RDM samples, as one worker's would."""
+    return (seed * 1_000_003 + step * 7_919 + zlib.crc32(key.encode())) % (2**63)
+
+
+def rdm_generators(seed: int, step: int, names: Iterable[str]) -> dict[str, torch.Generator]:
+    """One generator per group for one step's RDM draws."""
+    return {n: torch.Generator().manual_seed(sub_seed(seed, n, step + 1)) for n in names}
+
+
 class ExtraRank(nn.Module):
     """Rank added beside the target's: per module a new A (k, d_in), PEFT's default init, and B (d_out, k) at
     zero, trained directly. Parameters sit on this module (ZeRO-3 gathers them in its forward); forward
     returns copies."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int]], rank: int):
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], rank: int, seed: int = 0):
         super().__init__()
         self.paths = sorted(shapes)
         for i, path in enumerate(self.paths):
             d_in, d_out = shapes[path]
             a = torch.empty(rank, d_in)
+            torch.manual_seed(sub_seed(seed, path))
             nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # as PEFT initialises lora_A
             self.register_parameter(f"a_{i}", nn.Parameter(a))
             self.register_parameter(f"b_{i}", nn.Parameter(torch.zeros(d_out, rank)))
@@ -133,18 +150,24 @@ class ExtraRank(nn.Module):
 
 class FusionNet(nn.Module):
     """One transfer network per group (the paper's TransferNet, or GroundedNet) and a learnable alpha per
-    group (initialised to ``alpha_init``); optionally added rank beside the target's."""
+    group (initialised to ``alpha_init``); optionally added rank beside the target's. Each group's net is
+    initialised from its own seed (:func:`sub_seed`), so a worker holding some of the groups holds them
+    exactly as a worker holding all of them would."""
 
     def __init__(self, configs: Mapping[str, TransferNetConfig], alpha_init: float = 0.3, net: str = "paper",
-                 n_sources: int = 1, extra: Mapping[str, tuple[int, int]] | None = None, extra_rank: int = 0):
+                 n_sources: int = 1, extra: Mapping[str, tuple[int, int]] | None = None, extra_rank: int = 0,
+                 seed: int = 0):
         super().__init__()
         from hetero_ray.denoise.transfer_net import GroundedNet
 
-        make = (lambda cfg: TransferNet(cfg)) if net == "paper" else (lambda cfg: GroundedNet(cfg, n_sources))
+        def make(name: str, cfg: TransferNetConfig) -> nn.Module:
+            torch.manual_seed(sub_seed(seed, name))
+            return TransferNet(cfg) if net == "paper" else GroundedNet(cfg, n_sources)
+
         self.grounded = net != "paper"
-        self.nets = nn.ModuleDict({name: make(cfg) for name, cfg in configs.items()})
+        self.nets = nn.ModuleDict({name: make(name, cfg) for name, cfg in configs.items()})
         self.alphas = nn.ParameterDict({name: nn.Parameter(torch.full((1,), float(alpha_init))) for name in configs})
-        self.extra = ExtraRank(extra, extra_rank) if extra_rank else None
+        self.extra = ExtraRank(extra, extra_rank, seed) if extra and extra_rank else None
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
         """Per group: ``db`` = alpha_g * dB (M, d_out, r) and the net's diagnostics (attention, z_target,
@@ -171,11 +194,11 @@ class DirectDelta(nn.Module):
     ZeRO-3 releases a gathered parameter's storage when the forward ends."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, int, int]], extra: Mapping[str, tuple[int, int]] | None = None,
-                 extra_rank: int = 0):
+                 extra_rank: int = 0, seed: int = 0):
         super().__init__()
         for name, shape in shapes.items():
             self.register_parameter(f"db_{name}", nn.Parameter(torch.zeros(shape)))
-        self.extra = ExtraRank(extra, extra_rank) if extra_rank else None
+        self.extra = ExtraRank(extra, extra_rank, seed) if extra and extra_rank else None
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
         out = {name: {"db": getattr(self, f"db_{name}").clone(), "alpha": torch.ones(1)} for name in groups}
@@ -187,24 +210,30 @@ class DirectDelta(nn.Module):
 def group_rdm(
     outputs: Mapping[str, Mapping[str, torch.Tensor]],
     groups: Mapping[str, GroupInputs],
-    generator: torch.Generator | None,
+    generator: torch.Generator | Mapping[str, torch.Generator] | None,
     mu_target: float = 0.0,
     sigma_target: float = 1.0,
     num_projections: int = 2048,
     max_samples: int | None = None,
     sort_budget: int | None = None,
+    n_groups: int | None = None,
 ) -> torch.Tensor:
     """Mean over groups of RDM(target encodings) + RDM(source encodings, padding excluded); each term on at
-    most ``max_samples`` rows and ``sort_budget`` projected values (see ``rdm``)."""
+    most ``max_samples`` rows and ``sort_budget`` projected values (see ``rdm``). ``generator``: one for
+    every draw, or one per group (:func:`rdm_generators`). ``n_groups``: divide the sum by this many groups
+    instead of those present (a worker's share of the mean over every worker's groups)."""
     terms = []
     for name, res in outputs.items():
         if name == EXTRA or "z_target" not in res:
             continue
+        gen = generator[name] if isinstance(generator, Mapping) else generator
         z_t = res["z_target"].flatten(0, 1)
         z_s = res["z_source"][groups[name].src_valid]
-        terms.append(rdm(z_t, mu_target, sigma_target, num_projections, generator, max_samples, sort_budget)
-                     + rdm(z_s, mu_target, sigma_target, num_projections, generator, max_samples, sort_budget))
-    return torch.stack(terms).mean() if terms else torch.zeros(())
+        terms.append(rdm(z_t, mu_target, sigma_target, num_projections, gen, max_samples, sort_budget)
+                     + rdm(z_s, mu_target, sigma_target, num_projections, gen, max_samples, sort_budget))
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum() / (n_groups or len(terms))
 
 
 def module_deltas(

@@ -114,7 +114,7 @@ def fuse_local(spec: FusionSpec, on_step: Callable[[dict], None] | None = None) 
     t0 = time.perf_counter()
     net = build_net(spec, plan, block, groups, target).to(device)
     objective = FusionObjective(model, groups, spec.method, examples, tokenizer.pad_token_id,
-                                torch.Generator().manual_seed(spec.seed), objective_weights(spec), teacher,
+                                spec.seed, objective_weights(spec), teacher,
                                 extra_modules=list(target.modules) if spec.method.extra_rank else ())
     timings["setup_s"] += time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -101,16 +101,19 @@ def net_configs(spec: FusionSpec, plan: AlignmentPlan, block_size: int) -> dict[
 
 
 def build_net(spec: FusionSpec, plan: AlignmentPlan, block_size: int, groups: dict[str, GroupInputs],
-              target: LoraAdapter) -> torch.nn.Module:
-    """The trained module, initialised from ``spec.seed``: FusionNet, or DirectDelta for the direct controls;
-    with ``method.extra_rank`` new A and B rows beside every target adapter module."""
+              target: LoraAdapter, extra_paths: Iterable[str] | None = None) -> torch.nn.Module:
+    """The trained module for ``groups`` (every group, or a worker's own), each part initialised from its own
+    seed derived from ``spec.seed``: FusionNet, or DirectDelta for the direct controls; with
+    ``method.extra_rank`` new A and B rows beside every target adapter module (those in ``extra_paths``
+    when given)."""
     torch.manual_seed(spec.seed)
     k = spec.method.extra_rank
-    extra = {p: (m.d_in, m.d_out) for p, m in target.modules.items()} if k else None
+    keep = set(target.modules) if extra_paths is None else set(extra_paths)
+    extra = {p: (m.d_in, m.d_out) for p, m in target.modules.items() if p in keep} if k else None
     if not spec.control.reads_sources:
-        return DirectDelta({n: (len(g.modules), g.d_out, g.rank) for n, g in groups.items()}, extra, k)
-    return FusionNet(net_configs(spec, plan, block_size), spec.method.alpha_init, spec.method.net,
-                     len(spec.sources), extra, k)
+        return DirectDelta({n: (len(g.modules), g.d_out, g.rank) for n, g in groups.items()}, extra, k, spec.seed)
+    cfgs = {n: c for n, c in net_configs(spec, plan, block_size).items() if n in groups}
+    return FusionNet(cfgs, spec.method.alpha_init, spec.method.net, len(spec.sources), extra, k, spec.seed)
 
 
 def objective_weights(spec: FusionSpec) -> dict[str, float]:

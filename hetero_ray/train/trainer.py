@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hetero_ray.denoise.fusion import EXTRA, GroupInputs, group_rdm, module_deltas
+from hetero_ray.denoise.fusion import EXTRA, GroupInputs, group_rdm, module_deltas, rdm_generators
 from hetero_ray.io.export import EXTRA_A, EXTRA_B
 from hetero_ray.spec import MethodSpec, TrainingSpec
 from hetero_ray.train.objectives import active, answer_forward, cross_entropy, micro_loss
@@ -55,6 +55,7 @@ class Step:
 
     replay: list[list[int]]
     teacher: list[list[int]]
+    index: int = 0  # the optimizer step (its RDM draws depend on it)
 
 
 def plan_steps(n_replay: int, n_teacher: int, training: TrainingSpec, seed: int, rank: int = 0, world: int = 1
@@ -66,25 +67,32 @@ def plan_steps(n_replay: int, n_teacher: int, training: TrainingSpec, seed: int,
     n = max(len(replay), len(teacher))
     if training.max_steps:
         n = min(n, training.max_steps)
-    return [Step(replay[i % len(replay)] if replay else [], teacher[i % len(teacher)] if teacher else [])
+    return [Step(replay[i % len(replay)] if replay else [], teacher[i % len(teacher)] if teacher else [], i)
             for i in range(n)]
 
 
 class FusionObjective:
     """The objective's weighted terms (:mod:`hetero_ray.train.objectives`) of the patched target on replay and
-    teacher micro-batches, + paper weight * lambda * RDM, one window at a time."""
+    teacher micro-batches, + paper weight * lambda * RDM, one window at a time.
+
+    With an ``exchange`` (:class:`~hetero_ray.train.partition.GroupExchange`) this worker's ``groups`` are its
+    own share of ``n_groups``: dB and the modules' gradients are exchanged with the other owners, and the
+    surrogate carries only this worker's nets (see :mod:`hetero_ray.train.partition`). ``extra_modules``:
+    modules patched besides the groups' own (every fused module, under an exchange)."""
 
     def __init__(self, model, groups: Mapping[str, GroupInputs], method: MethodSpec,
-                 examples: Sequence[Example], pad_id: int, generator: torch.Generator,
+                 examples: Sequence[Example], pad_id: int, seed: int,
                  weights: Mapping[str, float] | None = None, teacher: Sequence[Example] = (),
-                 extra_modules: Sequence[str] = ()):
+                 extra_modules: Sequence[str] = (), exchange=None, n_groups: int | None = None):
         self.model = model
         self.groups = dict(groups)
         self.method = method
         self.examples = examples
         self.teacher = list(teacher)
         self.pad_id = pad_id
-        self.generator = generator
+        self.seed = seed
+        self.exchange = exchange
+        self.n_groups = n_groups
         self.weights = dict(weights or {"paper": 1.0})
         self.replay_terms = active(self.weights, "replay")
         self.teacher_terms = active(self.weights, "teacher")
@@ -106,12 +114,13 @@ class FusionObjective:
         outputs = net(self.groups)
         extra = outputs.pop(EXTRA, {})
         deltas = module_deltas(outputs, self.groups)
-        leaves = {p: d.detach().requires_grad_(True) for p, d in deltas.items()}
+        every, every_extra = self._everyone(deltas, extra)
+        leaves = {p: d.detach().requires_grad_(True) for p, d in every.items()}
         extra_leaves = {p: (a.detach().requires_grad_(True), b.detach().requires_grad_(True))
-                        for p, (a, b) in extra.items()}
+                        for p, (a, b) in every_extra.items()}
         t1 = time.perf_counter()
         self.patch.set(leaves, extra_leaves)
-        sums: dict[str, float] = {}
+        totals: dict[str, list[float]] = {}  # term -> [sum over micro-batches, micro-batches]
         for micro, data, terms in ((step.replay, self.examples, self.replay_terms),
                                    (step.teacher, self.teacher, self.teacher_terms)):
             denom = world_micro or max(len(micro), 1)
@@ -120,29 +129,47 @@ class FusionObjective:
                                           self.patch.off)
                 (loss / denom).backward()
                 for n, v in values.items():
-                    sums[n] = sums.get(n, 0.0) + v / max(len(micro), 1)
+                    totals.setdefault(n, [0.0, 0])
+                    totals[n][0] += v
+                    totals[n][1] += 1
         self.patch.clear()
         t2 = time.perf_counter()
         lam = self.method.lambda_reg * self.weights.get("paper", 0.0)
-        reg = group_rdm(outputs, self.groups, self.generator, self.method.mu_target, self.method.sigma_target,
-                        self.method.num_projections, self.method.rdm_max_samples,
-                        self.method.rdm_sort_budget) if lam > 0 else torch.zeros(())
+        reg = group_rdm(outputs, self.groups, rdm_generators(self.seed, step.index, self.groups),
+                        self.method.mu_target, self.method.sigma_target, self.method.num_projections,
+                        self.method.rdm_max_samples, self.method.rdm_sort_budget,
+                        self.n_groups) if lam > 0 else torch.zeros(())
         t3 = time.perf_counter()
+        grads = {p: leaf.grad for p, leaf in leaves.items()}
+        grads.update({k: g for p, (la, lb) in extra_leaves.items() for k, g in ((f"{EXTRA_A}{p}", la.grad),
+                                                                                 (f"{EXTRA_B}{p}", lb.grad))})
+        if self.exchange is not None:  # the mean over workers, as DeepSpeed averages replicated nets' grads
+            grads = self.exchange.average(grads, self._like(deltas, extra))
         surrogate = lam * reg
         for p, d in deltas.items():
-            if leaves[p].grad is not None:
-                surrogate = surrogate + (d * leaves[p].grad).sum()
+            if grads.get(p) is not None:
+                surrogate = surrogate + (d * grads[p]).sum()
         for p, (a, b) in extra.items():
-            la, lb = extra_leaves[p]
-            if la.grad is not None:
-                surrogate = surrogate + (a * la.grad).sum() + (b * lb.grad).sum()
+            if grads.get(f"{EXTRA_A}{p}") is not None:
+                surrogate = surrogate + (a * grads[f"{EXTRA_A}{p}"]).sum() + (b * grads[f"{EXTRA_B}{p}"]).sum()
         t4 = time.perf_counter()
+        per_group = {"rdm": float(reg.detach()),
+                     "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
+                     "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o}}
+        if self.exchange is not None:  # the whole window's losses, every group's diagnostics
+            parts = self.exchange.merge({**per_group, "totals": totals})
+            per_group = {"rdm": sum(p["rdm"] for p in parts),
+                         **{k: dict(sorted({g: v for p in parts for g, v in p[k].items()}.items()))
+                            for k in ("alpha", "gate_open")}}
+            totals = {}
+            for part in parts:
+                for n, (v, c) in part["totals"].items():
+                    totals[n] = [totals.get(n, [0.0, 0])[0] + v, totals.get(n, [0.0, 0])[1] + c]
+        sums = {n: v / c for n, (v, c) in totals.items()}
         metrics = {
             "lm_loss": sums.get("paper", sums.get("distill", 0.0)),
             "terms": sums,
-            "rdm": float(reg.detach()),
-            "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
-            "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
+            **per_group,
             # the step's parts (seconds); the caller adds the nets' backward and the optimizer step
             # (:func:`time_step`), after which ``time_net_s`` is the nets' whole share of the step
             "time_nets_forward_s": (t1 - t0) + (t4 - t3),
@@ -151,17 +178,48 @@ class FusionObjective:
         }
         return surrogate, metrics
 
+    @staticmethod
+    def _like(deltas: Mapping[str, torch.Tensor], extra) -> torch.Tensor:
+        """A tensor with the dtype and device of this worker's updates (for the exchange's buffers)."""
+        return next(iter([*deltas.values(), *(a for a, _ in extra.values())]), torch.zeros(()))
+
+    def _everyone(self, deltas, extra):
+        """Every module's update: this worker's own, or, under an exchange, everyone's gathered."""
+        if self.exchange is None:
+            return deltas, extra
+        parts = dict(deltas)
+        for p, (a, b) in extra.items():
+            parts[f"{EXTRA_A}{p}"], parts[f"{EXTRA_B}{p}"] = a, b
+        full = self.exchange.gather(parts, self._like(deltas, extra))
+        every = {p: t for p, t in full.items() if not p.startswith((EXTRA_A, EXTRA_B))}
+        every_extra = {p[len(EXTRA_A):]: (t, full[f"{EXTRA_B}{p[len(EXTRA_A):]}"]) for p, t in full.items()
+                       if p.startswith(EXTRA_A)}
+        return every, every_extra
+
     @torch.no_grad()
     def final_deltas(self, net: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         """The trained B updates per module (added-rank factors under ``EXTRA_A:``/``EXTRA_B:`` + module path),
-        and the net's outputs (without the added rank)."""
+        and the net's outputs (without the added rank; this worker's groups only, under an exchange)."""
         outputs = net(self.groups)
         extra = outputs.pop(EXTRA, {})
-        deltas = {p: d.detach().float().cpu() for p, d in module_deltas(outputs, self.groups).items()}
-        for p, (a, b) in extra.items():
+        every, every_extra = self._everyone(module_deltas(outputs, self.groups), extra)
+        deltas = {p: d.detach().float().cpu() for p, d in every.items()}
+        for p, (a, b) in every_extra.items():
             deltas[f"{EXTRA_A}{p}"] = a.detach().float().cpu()
             deltas[f"{EXTRA_B}{p}"] = b.detach().float().cpu()
         return deltas, outputs
+
+
+def clip_over_owners(params: Sequence[torch.Tensor], max_norm: float, exchange) -> float:
+    """Clip every owner's gradients by their global norm (as one process holding every net would)."""
+    local = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+    norm = sum(exchange.merge({"sq": local})[r]["sq"] for r in range(exchange.world)) ** 0.5
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -188,9 +246,13 @@ def fit(
     training: TrainingSpec,
     seed: int,
     on_step: Callable[[dict], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> list[dict]:
-    """Train ``net`` in this process (torch AdamW, cosine schedule with warm-up); returns per-step metrics."""
-    windows = objective.steps(training, seed)
+    """Train ``net`` in this process (torch AdamW, cosine schedule with warm-up); returns per-step metrics.
+    With ``world`` > 1 the objective has an exchange and this process is owner ``rank``: it takes its share
+    of each window and clips by the norm over every owner's gradients (torch.distributed, no DeepSpeed)."""
+    windows = objective.steps(training, seed, rank, world)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
     scheduler = cosine_schedule(optimizer, len(windows), training.warmup_ratio)
@@ -200,7 +262,9 @@ def fit(
         t0 = time.perf_counter()
         surrogate.backward()
         t1 = time.perf_counter()
-        if training.max_grad_norm:
+        if training.max_grad_norm and objective.exchange is not None:
+            clip_over_owners(params, training.max_grad_norm, objective.exchange)
+        elif training.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
         optimizer.step()
         scheduler.step()

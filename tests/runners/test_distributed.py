@@ -53,7 +53,7 @@ def zero3_run(zoo, ray_local, tmp_path_factory):
     from hetero_ray.runners.ray.driver import fuse
 
     tmp = tmp_path_factory.mktemp("dist")
-    spec = _spec(zoo, tmp, "zero3")
+    spec = _spec(zoo, tmp, "zero3", **{"cluster.partition": "replicate"})  # every net on both, ZeRO-3 shards
     events = []
     result = fuse(spec, on_progress=events.append)
     result.events = events
@@ -139,6 +139,44 @@ def test_one_worker_zero0_matches_two_workers_zero3(zoo, zero3_run, tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def groups_run(zoo, ray_local, tmp_path_factory):
+    """2 workers that each own some module groups, with the global gradient norm clipped (so that the
+    clipping DeepSpeed does over both workers' parts is exercised)."""
+    from hetero_ray.runners.ray.driver import fuse
+
+    tmp = tmp_path_factory.mktemp("groups")
+    spec = _spec(zoo, tmp, "groups", **{"cluster.partition": "groups", "training.max_grad_norm": 0.05})
+    return spec, fuse(spec)
+
+
+def test_workers_owning_groups_split_the_nets_and_match_in_process(zoo, groups_run, tmp_path):
+    """Each worker holds only its groups' nets and candidates; the adapter is the in-process one (which
+    holds every net) within float summation order, clipping included."""
+    spec, two = groups_run
+    report = json.loads((two.output / "fusion_report.json").read_text())
+    assert report["zero"]["partition"] == "groups" and report["zero"]["stage"] == 0
+    parts = report["zero"]["partitions"]
+    owned = [set(p["groups"]) for p in parts]
+    assert len(owned) == 2 and all(owned) and not owned[0] & owned[1]
+    assert owned[0] | owned[1] == set(report["alpha"]) == set(report["attention_mass"])
+    total = report["zero"]["transfer_net_params"]
+    assert sum(p["partition_numel"] for p in parts) == total + len(report["alpha"])  # nets + an alpha each
+    assert all(p["partition_numel"] < 0.8 * total for p in parts)
+    local = fuse_local(spec.model_copy(update={"output": tmp_path / "local"}))
+    a, b = _tensors(two.output), _tensors(local.output)
+    scale = max(float(v.abs().max()) for v in a.values())
+    assert _max_diff(a, b) < 1e-4 * scale, _max_diff(a, b)
+    torch.testing.assert_close([h["lm_loss"] for h in two.history], [h["lm_loss"] for h in local.history],
+                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close([h["rdm"] for h in two.history], [h["rdm"] for h in local.history],
+                               rtol=1e-3, atol=1e-5)
+    # the clip was active: without it the run goes elsewhere
+    free = fuse_local(spec.model_copy(update={"output": tmp_path / "free", "training": spec.training.model_copy(
+        update={"max_grad_norm": None})}))
+    assert _max_diff(_tensors(free.output), b) > 1e-3 * scale
+
+
 def test_rerun_of_a_finished_spec_resumes_instead_of_retraining(zoo, zero3_run, tmp_path):
     from hetero_ray.runners.ray.driver import fuse
 
@@ -151,14 +189,16 @@ def test_rerun_of_a_finished_spec_resumes_instead_of_retraining(zoo, zero3_run, 
     assert time.perf_counter() - t0 < 120
 
 
-@pytest.mark.parametrize("point", ["actor", "worker"])
-def test_killed_actor_or_worker_still_gives_the_undisturbed_output(zoo, zero3_run, tmp_path, monkeypatch, point):
+@pytest.mark.parametrize("point,run", [("actor", "zero3_run"), ("worker", "zero3_run"), ("worker", "groups_run")])
+def test_killed_actor_or_worker_still_gives_the_undisturbed_output(zoo, tmp_path, monkeypatch, point, run, request):
+    """A killed FamilyActor is restarted; a killed train worker restarts the group from the last checkpoint
+    (with replicated nets, and with each worker owning its groups: every owner's part is restored)."""
     from hetero_ray.runners.ray.driver import fuse
 
-    spec, undisturbed = zero3_run
+    spec, undisturbed = request.getfixturevalue(run)
     marker = tmp_path / "fault-happened"
     monkeypatch.setenv("HETERO_RAY_FAULT", f"{point}:{marker}" + (":4" if point == "worker" else ""))
-    result = fuse(spec.model_copy(update={"output": tmp_path / "out", "name": f"fault-{point}"}))
+    result = fuse(spec.model_copy(update={"output": tmp_path / "out", "name": f"fault-{point}-{spec.name}"}))
     assert marker.exists()  # the fault did happen
     assert _max_diff(_tensors(undisturbed.output), _tensors(result.output)) < 1e-6
     assert [h["step"] for h in result.history] == list(range(1, len(undisturbed.history) + 1))

@@ -55,7 +55,7 @@ def test_gradient_once_per_window_equals_per_micro_batch_gradient(zoo, tmp_path)
     with torch.no_grad():
         for n in net.nets.values():
             n.decoder[2].weight.normal_(std=0.01)
-    obj = FusionObjective(model, groups, spec.method, examples, tok.pad_token_id, torch.Generator())
+    obj = FusionObjective(model, groups, spec.method, examples, tok.pad_token_id, 0)
     window = plan_windows(len(examples), spec.training, spec.seed)[0]
     surrogate, _ = obj.window(net, window)
     surrogate.backward()

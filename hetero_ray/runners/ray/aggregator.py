@@ -1,10 +1,18 @@
-"""The aggregator: a Ray Train (V2) worker loop that trains the transfer networks under DeepSpeed ZeRO.
+"""The aggregator: a Ray Train (V2) worker loop that trains the transfer networks under DeepSpeed.
 
-Every worker builds the frozen target and the same seeded FusionNet, wraps the net with
-``deepspeed.initialize`` (ZeRO stage 0/1/2/3; torch AdamW; fp32 or bf16), reads the whole candidate set
-and the whole tokenized replay, and takes its round-robin share of each accumulation window, so a run with
-N workers follows the same optimizer trajectory as one worker. Metrics are reported every step, DeepSpeed
-checkpoints every epoch; a restarted worker group or a re-run of the same spec resumes from the latest one.
+Every worker builds the frozen target, reads the whole tokenized replay and takes its round-robin share of
+each accumulation window, so a run with N workers follows the same optimizer trajectory as one worker. The
+transfer networks are shared in one of two ways (``cluster.partition``, resolved by the driver):
+
+- ``groups``: each worker owns whole module groups (:mod:`hetero_ray.train.partition`): it reads only their
+  candidates (its own Ray Data stream), builds and trains only their nets, and exchanges dB and the modules'
+  gradients with the others once per window. DeepSpeed sees the groups as model-parallel ranks (each its
+  own data-parallel group of one), so it checkpoints each worker's part and clips by the global norm.
+- ``replicate``: every worker holds every net and every candidate, and DeepSpeed ZeRO (stage 0/1/2/3)
+  shards their states and averages their gradients.
+
+torch AdamW; fp32 or bf16. Metrics are reported every step, DeepSpeed checkpoints every epoch; a restarted
+worker group or a re-run of the same spec resumes from the latest one.
 """
 
 from __future__ import annotations
@@ -37,17 +45,67 @@ def deepspeed_config(zero_stage: int, dtype: str, max_grad_norm: float | None = 
     }
 
 
+def zero_stage(spec, owners) -> int:
+    """The ZeRO stage DeepSpeed runs: the spec's with replicated nets; 0 when each worker owns its groups
+    (a data-parallel group of one has nothing to shard, and ZeRO-3 requires the same modules on every rank)."""
+    return 0 if owners else spec.cluster.zero_stage
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (MiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
 def partition_numel(module: torch.nn.Module) -> int:
     """Parameters held by this rank: its ZeRO-3 partition, or every parameter below stage 3."""
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
 
 
-def _read_candidates():
+class OwnGroupsParallel:
+    """DeepSpeed's model-parallel interface for workers that own disjoint groups: all workers form the
+    model-parallel group (gradient norms are summed over it), each worker is a data-parallel group of its
+    own (nothing to average or shard)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        alone = [dist.new_group([r]) for r in range(self.world)]  # every rank creates every group, in order
+        self.alone = alone[self.rank]
+        self.everyone = dist.new_group(list(range(self.world)))
+
+    def get_model_parallel_rank(self):
+        return self.rank
+
+    def get_model_parallel_world_size(self):
+        return self.world
+
+    def get_model_parallel_group(self):
+        return self.everyone
+
+    def get_data_parallel_rank(self):
+        return 0
+
+    def get_data_parallel_world_size(self):
+        return 1
+
+    def get_data_parallel_group(self):
+        return self.alone
+
+    def get_data_parallel_group_ranks(self):
+        return [self.rank]
+
+
+def _read_candidates(name: str = "candidates"):
     import ray.train
 
     from hetero_ray.tokens.candidates import candidates_from_arrow
 
-    shard = ray.train.get_dataset_shard("candidates")
+    shard = ray.train.get_dataset_shard(name)
     return [c for t in shard.iter_batches(batch_format="pyarrow", batch_size=None) for c in candidates_from_arrow(t)]
 
 
@@ -91,6 +149,7 @@ def train_loop(config: dict) -> None:
     from hetero_ray.denoise.fusion import assemble_groups, attention_mass
     from hetero_ray.runners.prepare import build_net, objective_weights, open_target
     from hetero_ray.runners.ray.faults import maybe_fail
+    from hetero_ray.train.partition import GroupExchange, exchange_shapes, owner_of_extra
     from hetero_ray.train.target import load_target
     from hetero_ray.train.trainer import FusionObjective, cosine_schedule, time_step
 
@@ -98,26 +157,37 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan = AlignmentPlan.from_dict(config["plan"])
     block = config["block_size"]
+    owners = config.get("partition")  # each rank's groups, or None: every net on every rank
     t0 = time.perf_counter()
     target, ttopo = open_target(spec)
-    cands = _read_candidates() if spec.control.reads_sources else None
+    own = owners[rank] if owners else None
+    cands = (_read_candidates(f"candidates_{rank}" if owners else "candidates")
+             if spec.control.reads_sources else None)
     device = ray.train.torch.get_device() if spec.cluster.use_gpu else torch.device("cpu")
-    groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block).items()}
+    groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block, own).items()}
+    del cands  # the groups hold the tokens now: the candidate list is not kept beside them
     examples = _read_replay()
     model = load_target(spec.target.base, target).to(device)
     teacher = _read_teacher()
-    net = build_net(spec, plan, block, groups, target)
-    # the same RDM draws on every rank: averaged over ranks they equal the single-worker estimate
-    generator = torch.Generator().manual_seed(spec.seed)
-    objective = FusionObjective(model, groups, spec.method, examples, config["pad_id"], generator,
-                                objective_weights(spec), teacher,
-                                extra_modules=list(target.modules) if spec.method.extra_rank else ())
+    extra_paths = ([p for p, r in owner_of_extra(list(target.modules), world).items() if r == rank]
+                   if owners else None)
+    net = build_net(spec, plan, block, groups, target, extra_paths)
+    exchange, mpu, patched = None, None, list(target.modules) if spec.method.extra_rank else []
+    if owners:
+        mpu = OwnGroupsParallel()
+        for p in net.parameters():
+            p.model_parallel = True  # each rank's own: DeepSpeed counts every rank's part in the global norm
+        exchange = GroupExchange(exchange_shapes(plan, target, spec.method.extra_rank), mpu.everyone)
+        patched += plan.fused_modules()
+    objective = FusionObjective(model, groups, spec.method, examples, config["pad_id"], spec.seed,
+                                objective_weights(spec), teacher, extra_modules=patched, exchange=exchange,
+                                n_groups=len(plan.groups()) if owners else None)
     windows = objective.steps(spec.training, spec.seed, rank, world)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.training.lr, weight_decay=spec.training.weight_decay)
     scheduler = cosine_schedule(optimizer, len(windows), spec.training.warmup_ratio)
-    engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(spec.cluster.zero_stage, spec.cluster.dtype,
+    engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+                                      config=deepspeed_config(zero_stage(spec, owners), spec.cluster.dtype,
                                                               spec.training.max_grad_norm),
                                       dist_init_required=False)
     setup_s = time.perf_counter() - t0
@@ -129,7 +199,6 @@ def train_loop(config: dict) -> None:
             engine.load_checkpoint(d, tag="ds")
             state = json.loads((Path(d) / TRAIN_STATE).read_text())
             start, history = state["step"], state["history"]
-            generator.set_state(torch.load(Path(d) / f"rng_rank{rank}.pt"))
 
     per_epoch = max(1, math.ceil(len(windows) / spec.training.epochs))
     for step in range(start, len(windows)):
@@ -144,26 +213,30 @@ def train_loop(config: dict) -> None:
         history.append(metrics)
         done = step + 1
         if done % per_epoch == 0 or done == len(windows):
-            _report_checkpoint(engine, generator, rank, done, history, metrics)
+            _report_checkpoint(engine, rank, done, history, metrics)
         else:
             ray.train.report(_flat(metrics))
 
     deltas, outputs = objective.final_deltas(engine)
+    diagnostics = {"alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
+                   "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
+                   "attention_mass": attention_mass(outputs, groups, len(spec.sources))}
+    if exchange is not None:  # every owner's groups
+        parts = exchange.merge(diagnostics)
+        diagnostics = {k: dict(sorted({g: v for p in parts for g, v in p[k].items()}.items())) for k in diagnostics}
     with tempfile.TemporaryDirectory() as d:
         state = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
                  "partition_numel": partition_numel(engine.module),
                  "total_numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                    for p in engine.module.parameters())}
+                                    for p in engine.module.parameters()),
+                 "groups": sorted(groups), "group_bytes": sum(t.nbytes for g in groups.values()
+                                                             for t in vars(g).values() if torch.is_tensor(t)),
+                 "peak_rss_mib": peak_rss_mib()}
         (Path(d) / f"partition_rank{rank}.json").write_text(json.dumps(state))
         if rank == 0:
             save_file({k: v.contiguous() for k, v in deltas.items()}, str(Path(d) / FINAL_DELTAS))
-            final = {
-                "history": history,
-                "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
-                "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
-                "attention_mass": attention_mass(outputs, groups, len(spec.sources)),
-                "setup_s": setup_s,
-            }
+            final = {"history": history, **diagnostics, "setup_s": setup_s,
+                     "partition": "groups" if owners else "replicate", "zero_stage": zero_stage(spec, owners)}
             (Path(d) / FINAL_STATE).write_text(json.dumps(final))
         ray.train.report({"final": 1, "step": len(windows)}, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name="final")
@@ -178,12 +251,11 @@ def _flat(metrics: dict) -> dict:
     return out
 
 
-def _report_checkpoint(engine, generator, rank, step, history, metrics) -> None:
+def _report_checkpoint(engine, rank, step, history, metrics) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
         engine.save_checkpoint(d, tag="ds")
-        torch.save(generator.get_state(), Path(d) / f"rng_rank{rank}.pt")
         if rank == 0:
             (Path(d) / TRAIN_STATE).write_text(json.dumps({"step": step, "history": history}))
         ray.train.report(_flat(metrics), checkpoint=ray.train.Checkpoint.from_directory(d),

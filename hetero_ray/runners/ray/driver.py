@@ -33,6 +33,7 @@ from hetero_ray.runners.prepare import (
     open_and_align,
     replay_records,
     require_trained,
+    sequence_lengths,
 )
 from hetero_ray.runners.ray import faults
 from hetero_ray.runners.ray.actors import FamilyActor
@@ -232,6 +233,29 @@ def _storage(spec: FusionSpec) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(storage).resolve())
 
 
+def group_owners(spec: FusionSpec, plan: AlignmentPlan, block: int) -> list[list[str]] | None:
+    """Each worker's module groups under ``cluster.partition`` (None: every net on every worker)."""
+    from hetero_ray.train.partition import group_costs, resolve
+
+    groups = plan.groups()
+    costs = group_costs(sequence_lengths(plan, block), {g: len(es) for g, es in groups.items()})
+    return resolve(spec.cluster.partition, spec.cluster.workers, costs)
+
+
+def candidates_by_owner(candidates, owners: list[list[str]]) -> dict:
+    """One candidate Dataset per worker: the rows of its own groups only (a filter over the one
+    materialized stream), so each worker reads and holds its share."""
+    import pyarrow.compute as pc
+
+    out = {}
+    for rank, own in enumerate(owners):
+        keep = pa.array(own, pa.string())
+        out[f"candidates_{rank}"] = candidates.map_batches(
+            lambda t, keep=keep: t.filter(pc.is_in(t["group"], value_set=keep)), batch_format="pyarrow",
+            batch_size=None, num_cpus=0.25)
+    return out
+
+
 def run_digest(spec: FusionSpec) -> str:
     """What identifies a run's training: the spec without where the result is written."""
     return spec.model_copy(update={"output": Path("/"), "overwrite": False}).digest()
@@ -270,6 +294,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     target, sources, plan, block = opened.target, opened.sources, opened.plan, opened.block
     if spec.control.reads_sources:
         net_configs(spec, plan, block)  # refuses sizes the nets cannot take before any work starts
+    owners = group_owners(spec, plan, block)  # refuses more workers than groups under partition: groups
     tokenizer = load_tokenizer(spec.target.base)
     fs, root = _storage(spec)
     name = spec.resolved_name()
@@ -299,14 +324,15 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "plan": plan.to_dict(), "block_size": block,
-                           "pad_id": tokenizer.pad_token_id},
+                           "pad_id": tokenizer.pad_token_id, "partition": owners},
         torch_config=TorchConfig(backend="nccl" if spec.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=spec.cluster.workers, use_gpu=spec.cluster.use_gpu,
                                                resources_per_worker={"CPU": spec.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=name, storage_path=spec.cluster.storage if "://" in spec.cluster.storage
                                        else root, failure_config=ray.train.FailureConfig(max_failures=3),
                                        callbacks=[train_callback(sink)], worker_runtime_env=faults.runtime_env()),
-        datasets={"candidates": candidates, "replay": replay, "teacher": teacher},
+        datasets={**(candidates_by_owner(candidates, owners) if owners else {"candidates": candidates}),
+                  "replay": replay, "teacher": teacher},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = _fit_with_progress(trainer, sink, on_progress)
@@ -365,7 +391,8 @@ def _write(spec, plan, block, target, sources, checkpoint, timings, signals=None
     report["attention_mass"] = final["attention_mass"]
     report["objective"] = objective_weights(spec)
     report["teacher"] = signals_summary(signals) if signals is not None else final.get("teacher")
-    report["zero"] = {"stage": spec.cluster.zero_stage, "workers": spec.cluster.workers, "partitions": partitions,
+    report["zero"] = {"stage": final.get("zero_stage", spec.cluster.zero_stage), "workers": spec.cluster.workers,
+                      "partition": final.get("partition", "replicate"), "partitions": partitions,
                       "transfer_net_params": sum(c.num_parameters() for c in cfgs.values())}
     out = export_fused_adapter(spec, target, deltas, report, fusion_card(spec, plan, final["history"]))
     return FusionResult(out, final["history"], plan, deltas, report)

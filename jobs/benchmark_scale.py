@@ -1,0 +1,170 @@
+"""Scale-out benchmark: the distributed fusion at several source counts x worker counts x ways of sharing the
+transfer networks (``cluster.partition``), on a local Ray (or the cluster at --address). Prints, per run:
+per-stage wall time, the step split (target forward/backward, nets forward, RDM, nets backward, optimizer),
+per-worker transfer-net parameters, candidate-token bytes, their state (weights, gradients, AdamW) and peak
+RSS, with ratios to the 1-worker run of the same sources; per source count, alignment MB/s (in-process and
+on Ray) next to a raw read of the same files, in the same run.
+
+    python jobs/benchmark_scale.py --sources 4,16,64 --workers 1,2,4 --partition groups,replicate
+
+Everything is built locally (tiny models of real families at the chosen width); nothing is downloaded. On
+a machine with fewer cores than workers the step times measure contention, not scaling: read the memory
+columns there, and the times on a machine with a core per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.benchmark_pipeline import build_zoo  # noqa: E402
+
+PARTS = ("target", "nets_forward", "rdm", "nets_backward", "optimizer")
+
+
+def alignment_rates(spec, repeats: int, ray: bool) -> dict:
+    """MB/s of a raw read of the source files, of alignment + blocking in this process, and on Ray."""
+    from safetensors.torch import load_file
+
+    from hetero_ray.runners.prepare import candidates_of, open_and_align
+
+    files = [Path(s.adapter) / "adapter_model.safetensors" for s in spec.sources]
+    n_bytes = sum(f.stat().st_size for f in files)
+    raw, aligned, on_ray = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for f in files:
+            load_file(str(f))
+        raw.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        o = open_and_align(spec)
+        for i, (a, t) in enumerate(o.sources):
+            for _ in candidates_of(spec, o.plan, i, a, t, o.block):
+                pass
+        aligned.append(time.perf_counter() - t0)
+        if ray:
+            from hetero_ray.runners.ray.driver import align_sources
+
+            t0 = time.perf_counter()
+            align_sources(spec, o.plan, o.block)[0].count()
+            on_ray.append(time.perf_counter() - t0)
+    out = {"adapter_MB": round(n_bytes / 1e6, 2), "raw_read_MBps": round(n_bytes / min(raw) / 1e6, 1),
+           "alignment_MBps": round(n_bytes / min(aligned) / 1e6, 1),
+           "alignment_over_raw": round(min(raw) / min(aligned), 3)}
+    if on_ray:  # the first Ray pass pays the actors' start
+        out |= {"ray_alignment_MBps": round(n_bytes / min(on_ray) / 1e6, 1),
+                "ray_over_raw": round(min(raw) / min(on_ray), 3)}
+    return out
+
+
+def run_one(spec, workers: int, partition: str, zero_stage: int, storage: Path, address: str | None) -> dict:
+    from hetero_ray.runners.ray.driver import fuse
+
+    name = f"scale-{len(spec.sources)}s-{workers}w-{partition}"
+    spec = spec.model_copy(update={
+        "name": name, "output": storage / "out" / name, "cluster": spec.cluster.model_copy(update={
+            "workers": workers, "partition": partition, "zero_stage": zero_stage, "storage": str(storage / "runs")})})
+    t0 = time.perf_counter()
+    result = fuse(spec, address)
+    wall = time.perf_counter() - t0
+    steps = result.history[1:] or result.history  # the first step also pays one-time costs
+    mean = {k: sum(h[f"time_{k}_s"] for h in steps) / len(steps) for k in (*PARTS, "step")}
+    zero = result.report["zero"]
+    parts = zero["partitions"]
+    state = [16 * p["partition_numel"] + p["group_bytes"] for p in parts]  # fp32 weights, grads, 2 AdamW states
+    shutil.rmtree(spec.output, ignore_errors=True)
+    return {
+        "sources": len(spec.sources), "workers": workers, "partition": zero["partition"], "zero_stage": zero["stage"],
+        "wall_s": round(wall, 1), **{f"{k}_s": round(v, 2) for k, v in result.report["timings_s"].items()},
+        "step_s": round(mean["step"], 4), "step_parts_s": {k: round(mean[k], 4) for k in PARTS},
+        "max_worker_params": max(p["partition_numel"] for p in parts),
+        "max_worker_token_MB": round(max(p["group_bytes"] for p in parts) / 1e6, 2),
+        "max_worker_net_state_MB": round(max(state) / 1e6, 2),
+        "max_worker_peak_rss_MB": round(max(p["peak_rss_mib"] for p in parts) * 1.048576, 1),
+        "groups_per_worker": [len(p.get("groups", [])) for p in parts],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sources", default="4,16,64", help="comma-separated source counts")
+    ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
+    ap.add_argument("--partition", default="groups,replicate", help="cluster.partition values to compare")
+    ap.add_argument("--zero-stage", type=int, default=3, help="ZeRO stage where nets are replicated")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
+    ap.add_argument("--repeats", type=int, default=2, help="alignment timing repeats (best of)")
+    ap.add_argument("--skip-ray-alignment", action="store_true", help="time alignment in-process only")
+    ap.add_argument("--address", default=None, help="a running Ray cluster (default: a local instance)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the rows here (JSON)")
+    ap.add_argument("--keep", action="store_true", help="keep the built models")
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from hetero_ray.runners.ray.driver import ensure_ray
+    from hetero_ray.spec import parse_spec
+
+    ensure_ray(args.address)
+    root = Path(tempfile.mkdtemp(prefix="hetero-ray-scale-"))
+    rows, rates = [], {}
+    try:
+        for n in [int(x) for x in args.sources.split(",")]:
+            zoo = build_zoo(root / f"zoo{n}", args.hidden, args.layers, n, args.rank)
+            spec = parse_spec({
+                "output": str(root / "out"),
+                "target": {"base": str(zoo["target-base"]), "adapter": str(zoo["target"])},
+                "sources": [{"adapter": str(zoo[f"source{i}"])} for i in range(n)],
+                "replay": [{"path": str(zoo["replay"])}],
+                "training": {"epochs": 1, "grad_accum": 4, "batch_size": 2, "max_length": 64,
+                             "max_steps": args.steps},
+            })
+            rates[n] = alignment_rates(spec, args.repeats, not args.skip_ray_alignment)
+            print(json.dumps({"sources": n, **rates[n]}), flush=True)
+            for w in [int(x) for x in args.workers.split(",")]:
+                for partition in args.partition.split(","):
+                    if w == 1 and partition != args.partition.split(",")[0]:
+                        continue  # one worker holds everything either way
+                    row = run_one(spec, w, partition, args.zero_stage, root / "runs", args.address)
+                    base = next((r for r in rows if r["sources"] == n and r["workers"] == 1), row)
+                    row["state_vs_1_worker"] = round(row["max_worker_net_state_MB"]
+                                                     / base["max_worker_net_state_MB"], 3)
+                    row["step_vs_1_worker"] = round(row["step_s"] / base["step_s"], 3)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            if not args.keep:
+                shutil.rmtree(root / f"zoo{n}", ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print("\n| sources | workers | partition | step s | vs 1 | target | nets fwd | RDM | nets bwd | optim | "
+          "net state MB/worker | vs 1 | tokens MB/worker | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["step_parts_s"]
+        print(f"| {r['sources']} | {r['workers']} | {r['partition']} | {r['step_s']:.3f} | {r['step_vs_1_worker']} | "
+              f"{p['target']:.3f} | {p['nets_forward']:.3f} | {p['rdm']:.3f} | {p['nets_backward']:.3f} | "
+              f"{p['optimizer']:.3f} | {r['max_worker_net_state_MB']} | {r['state_vs_1_worker']} | "
+              f"{r['max_worker_token_MB']} | {r['max_worker_peak_rss_MB']} |")
+    print("\n| sources | adapters MB | raw read MB/s | alignment MB/s (share of raw) | on Ray MB/s (share) |")
+    print("|---|---|---|---|---|")
+    for n, r in rates.items():
+        print(f"| {n} | {r['adapter_MB']} | {r['raw_read_MBps']} | {r['alignment_MBps']} ({r['alignment_over_raw']}) | "
+              f"{r.get('ray_alignment_MBps', '-')} ({r.get('ray_over_raw', '-')}) |")
+    if args.out:
+        args.out.write_text(json.dumps({"runs": rows, "alignment": rates, "settings": vars(args)}, indent=2,
+                                       default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Module groups owned by workers (``cluster.partition: groups``): the dealing, and the exchange between
+owners, checked with torch.distributed processes and no Ray."""
+
+import pytest
+
+from hetero_ray.errors import SpecError
+from hetero_ray.train.partition import balance, resolve
+
+
+def test_partition_deals_groups_to_the_least_loaded_and_refuses_more_workers_than_groups():
+    # paper-scale Llama shapes: 3 MLP groups of 18432 tokens, q/o of 8192, k/v of 5120
+    costs = {"gate": 18432, "up": 18432, "down": 18432, "q": 8192, "o": 8192, "k": 5120, "v": 5120}
+    two, four = balance(costs, 2), balance(costs, 4)
+    assert sorted(g for o in four for g in o) == sorted(costs)
+    loads = [sum(costs[g] for g in o) for o in four]
+    assert max(loads) / sum(costs.values()) < 0.3  # the heaviest owner: under 0.3 of the work (ideal 0.25)
+    assert max(sum(costs[g] for g in o) for o in two) / sum(costs.values()) < 0.55
+    assert balance(costs, 4) == four  # deterministic
+    assert resolve("auto", 8, costs) is None and resolve("replicate", 2, costs) is None
+    assert resolve("auto", 1, costs) is None and resolve("groups", 2, costs) == two
+    with pytest.raises(SpecError, match="8 workers but only 7 module groups"):
+        resolve("groups", 8, costs)
+
+
+def _owner(rank: int, world: int, spec_json: dict, init: str, out: str, extra_rank: int) -> None:
+    """One owner process: its groups' nets only, trained by ``fit`` with the exchange."""
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from hetero_ray.runners.prepare import build_net, objective_weights, prepare_groups, sequence_lengths
+    from hetero_ray.spec import FusionSpec
+    from hetero_ray.train.partition import GroupExchange, exchange_shapes, group_costs, owner_of_extra
+    from hetero_ray.train.replay import load_tokenizer
+    from hetero_ray.train.target import load_target
+    from hetero_ray.train.trainer import FusionObjective, fit
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    spec = FusionSpec.model_validate(spec_json)
+    p = prepare_groups(spec)
+    all_groups = p.plan.groups()
+    costs = group_costs(sequence_lengths(p.plan, p.block), {g: len(e) for g, e in all_groups.items()})
+    own = balance(costs, world)[rank]
+    groups = {n: g for n, g in p.groups.items() if n in own}
+    extra = [q for q, r in owner_of_extra(list(p.target.modules), world).items() if r == rank]
+    net = build_net(spec, p.plan, p.block, groups, p.target, extra)
+    tok = load_tokenizer(spec.target.base)
+    from hetero_ray.runners.prepare import replay_examples
+
+    exchange = GroupExchange(exchange_shapes(p.plan, p.target, extra_rank))
+    objective = FusionObjective(load_target(spec.target.base, p.target), groups, spec.method,
+                                replay_examples(spec, tok), tok.pad_token_id, spec.seed, objective_weights(spec),
+                                extra_modules=p.plan.fused_modules() + (list(p.target.modules) if extra_rank else []),
+                                exchange=exchange, n_groups=len(all_groups))
+    history = fit(net, objective, spec.training, spec.seed, rank=rank, world=world)
+    deltas, _ = objective.final_deltas(net)
+    if rank == 0:
+        save_file(deltas, out)
+        import json
+        from pathlib import Path
+
+        Path(out + ".json").write_text(json.dumps([[h["lm_loss"], h["rdm"], h["alpha"]] for h in history]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("extra_rank", [0, 2])
+def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_rank):
+    """2 processes, each owning its groups (and half of the added rank), exchanging dB and gradients over
+    gloo, with the global norm clipped: the deltas, losses, RDM and alphas of one process holding every net."""
+    import json
+
+    import torch
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from hetero_ray.runners.prepare import build_net, objective_weights, prepare_groups, replay_examples
+    from hetero_ray.train.replay import load_tokenizer
+    from hetero_ray.train.target import load_target
+    from hetero_ray.train.trainer import FusionObjective, fit
+    from tests.helpers import make_spec
+
+    spec = make_spec(zoo, tmp_path / "out", **{"training.max_grad_norm": 0.05, "training.epochs": 2,
+                                               "method.extra_rank": extra_rank})
+    out = str(tmp_path / "owners.safetensors")
+    mp.spawn(_owner, args=(2, spec.model_dump(mode="json"), f"file://{tmp_path / 'store'}", out, extra_rank),
+             nprocs=2, join=True)
+    torch.set_num_threads(1)
+    p = prepare_groups(spec)
+    assert len(p.groups) >= 2
+    tok = load_tokenizer(spec.target.base)
+    net = build_net(spec, p.plan, p.block, p.groups, p.target)
+    objective = FusionObjective(load_target(spec.target.base, p.target), p.groups, spec.method,
+                                replay_examples(spec, tok), tok.pad_token_id, spec.seed, objective_weights(spec),
+                                extra_modules=list(p.target.modules) if extra_rank else ())
+    history = fit(net, objective, spec.training, spec.seed)
+    one, _ = objective.final_deltas(net)
+    two = load_file(out)
+    assert one.keys() == two.keys()
+    scale = max(float(v.abs().max()) for v in one.values())
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4 * scale)
+    logged = json.loads((tmp_path / "owners.safetensors.json").read_text())
+    torch.testing.assert_close([x[0] for x in logged], [h["lm_loss"] for h in history], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close([x[1] for x in logged], [h["rdm"] for h in history], rtol=1e-4, atol=1e-6)
+    assert [x[2] for x in logged][-1].keys() == history[-1]["alpha"].keys()
