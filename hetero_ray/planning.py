@@ -18,9 +18,16 @@ from hetero_ray.denoise.transfer_net import TransferNetConfig
 from hetero_ray.errors import FamilyError
 from hetero_ray.families import ModelDims, Topology, build_topology, detect_family, read_base_config
 from hetero_ray.io.adapters import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, LoraAdapter, config_only_adapter
-from hetero_ray.runners.prepare import alignment_plan, net_configs, open_adapter, resolve_block_size, sequence_lengths
+from hetero_ray.runners.prepare import (
+    alignment_plan,
+    net_configs,
+    open_adapter,
+    plan_costs,
+    resolve_block_size,
+    sequence_lengths,
+)
 from hetero_ray.spec import FusionSpec
-from hetero_ray.train.partition import group_costs, resolve
+from hetero_ray.train.partition import exchange_shapes, resolve
 
 GIB = 1 << 30
 GPU_GIB = 80e9 / GIB  # an 80 GB accelerator (H100/A100 80GB), in GiB
@@ -120,7 +127,7 @@ def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = 
 
 def memory_per_worker(net_params: int, largest_group: int, zero_stage: int, workers: int, dtype: str,
                       target_params: int, target_config: dict, tokens_bytes: int, seq_len: int, batch: int,
-                      transfer_activations: int = 0, exchange_bytes: int = 0) -> dict:
+                      transfer_activations: int = 0, db_bytes: int = 0) -> dict:
     """Bytes per worker.
 
     Held throughout: the transfer nets' weights, gradients and AdamW states (2 fp32 states; bf16 adds fp32
@@ -151,8 +158,8 @@ def memory_per_worker(net_params: int, largest_group: int, zero_stage: int, work
     step = 4 * net_params / (n if zero_stage >= 1 else 1)
     out = {"transfer_nets": nets, "frozen_target": w * target_params, "candidate_tokens": tokens_bytes,
            "target_activations": acts, "transfer_activations": transfer_activations, "optimizer_step": step,
-           "exchange": exchange_bytes}
-    out["total"] = nets + w * target_params + tokens_bytes + exchange_bytes + max(acts + transfer_activations, step)
+           "db_buffers": db_bytes}
+    out["total"] = nets + w * target_params + tokens_bytes + db_bytes + max(acts + transfer_activations, step)
     return {k: round(v / GIB, 3) for k, v in out.items()}
 
 
@@ -187,8 +194,10 @@ def check(spec: FusionSpec) -> dict:
         t["activation_bytes"] = transfer_activation_bytes(cfgs[g], t["modules"], lengths[g][0], lengths[g][1],
                                                           t["source_tokens"], spec.method.num_projections, w_bytes,
                                                           spec.method.rdm_max_samples, spec.method.rdm_sort_budget)
-    costs = group_costs(lengths, {g: t["modules"] for g, t in tokens.items()})
-    db_bytes = 4 * sum(target.modules[e.module].d_out * e.rank for e in plan.entries if e.feeds)
+    costs = plan_costs(plan, block)
+    # every module's dB (and added-rank factors), fp32: the detached copies the target is patched with and
+    # their gradients on every worker; owners also hold the two exchange buffers (gathered dB, averaged grads)
+    db_bytes = 4 * sum(math.prod(s) for s in exchange_shapes(plan, target, spec.method.extra_rank).values())
 
     def estimate(workers: int, mode: str) -> dict:
         """The most loaded worker's memory with ``workers`` workers and ``cluster.partition`` = ``mode``."""
@@ -197,15 +206,14 @@ def check(spec: FusionSpec) -> dict:
             return {**memory_per_worker(total, max(params.values(), default=0), spec.cluster.zero_stage, workers,
                                         spec.cluster.dtype, target_params, tconfig, sum(group_token_bytes.values()),
                                         spec.training.max_length, spec.training.batch_size,
-                                        sum(t["activation_bytes"] for t in tokens.values())),
+                                        sum(t["activation_bytes"] for t in tokens.values()), 2 * db_bytes),
                     "layout": "replicate"}
-        # an owner holds its groups' nets, states, tokens and activations whole (ZeRO-0), and the exchange's
-        # buffers: every module's dB, the gradients on it, and their all-reduced mean
+        # an owner holds its groups' nets, states, tokens and activations whole (ZeRO-0)
         parts = [{**memory_per_worker(sum(params[g] for g in own), max(params[g] for g in own), 0, 1,
                                       spec.cluster.dtype, target_params, tconfig,
                                       sum(group_token_bytes[g] for g in own), spec.training.max_length,
                                       spec.training.batch_size, sum(tokens[g]["activation_bytes"] for g in own),
-                                      3 * db_bytes), "groups": own} for own in owners]
+                                      4 * db_bytes), "groups": own} for own in owners]
         return {**max(parts, key=lambda m: m["total"]), "layout": "groups"}
 
     resolve(spec.cluster.partition, spec.cluster.workers, costs)  # what fuse would refuse, refused here too
@@ -262,8 +270,8 @@ def format_check(report: dict) -> str:
                  f"ZeRO-{report['zero_stage']} where nets are replicated, {report['dtype']}:")
     for w, m in report["memory_gib_per_worker"].items():
         lines.append(f"  {w} worker(s), {m['layout']}: total {m['total']:.2f} = transfer nets {m['transfer_nets']:.2f} "
-                     f"+ target {m['frozen_target']:.2f} + tokens {m['candidate_tokens']:.2f} + exchange "
-                     f"{m['exchange']:.2f} + max(activations {m['target_activations']:.2f} target + "
+                     f"+ target {m['frozen_target']:.2f} + tokens {m['candidate_tokens']:.2f} + dB buffers "
+                     f"{m['db_buffers']:.2f} + max(activations {m['target_activations']:.2f} target + "
                      f"{m['transfer_activations']:.2f} transfer nets, optimizer step {m['optimizer_step']:.2f})")
     need = ", ".join(f"{layout}: {n if n else 'does not fit'}" for layout, n in report["gpus_80gb"].items())
     lines.append(f"80 GB workers needed (fewest whose most loaded worker fits): {need}")

@@ -28,9 +28,9 @@ def _owner(rank: int, world: int, spec_json: dict, init: str, out: str, extra_ra
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from hetero_ray.runners.prepare import build_net, objective_weights, prepare_groups, sequence_lengths
+    from hetero_ray.runners.prepare import build_net, objective_weights, plan_costs, prepare_groups
     from hetero_ray.spec import FusionSpec
-    from hetero_ray.train.partition import GroupExchange, exchange_shapes, group_costs, owner_of_extra
+    from hetero_ray.train.partition import GroupExchange, exchange_shapes, owner_of_extra
     from hetero_ray.train.replay import load_tokenizer
     from hetero_ray.train.target import load_target
     from hetero_ray.train.trainer import FusionObjective, fit
@@ -40,8 +40,7 @@ def _owner(rank: int, world: int, spec_json: dict, init: str, out: str, extra_ra
     spec = FusionSpec.model_validate(spec_json)
     p = prepare_groups(spec)
     all_groups = p.plan.groups()
-    costs = group_costs(sequence_lengths(p.plan, p.block), {g: len(e) for g, e in all_groups.items()})
-    own = balance(costs, world)[rank]
+    own = resolve("groups", world, plan_costs(p.plan, p.block))[rank]
     groups = {n: g for n, g in p.groups.items() if n in own}
     extra = [q for q, r in owner_of_extra(list(p.target.modules), world).items() if r == rank]
     net = build_net(spec, p.plan, p.block, groups, p.target, extra)
@@ -64,10 +63,13 @@ def _owner(rank: int, world: int, spec_json: dict, init: str, out: str, extra_ra
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("extra_rank", [0, 2])
-def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_rank):
+@pytest.mark.parametrize("extra_rank,grad_accum", [(0, 4), (2, 5), (0, 11)],
+                         ids=["even", "added-rank-uneven", "a-worker-without-micro-batches"])
+def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_rank, grad_accum):
     """2 processes, each owning its groups (and half of the added rank), exchanging dB and gradients over
-    gloo, with the global norm clipped: the deltas, losses, RDM and alphas of one process holding every net."""
+    gloo, with the global norm clipped: the deltas, losses, RDM and alphas of one process holding every net.
+    12 micro-batches an epoch: windows of 4 split 2/2; of 5 split 3/2 and the last (2) 1/1; of 11 split
+    6/5 and the last (1) 1/0."""
     import json
 
     import torch
@@ -81,7 +83,7 @@ def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_r
     from tests.helpers import make_spec
 
     spec = make_spec(zoo, tmp_path / "out", **{"training.max_grad_norm": 0.05, "training.epochs": 2,
-                                               "method.extra_rank": extra_rank})
+                                               "method.extra_rank": extra_rank, "training.grad_accum": grad_accum})
     out = str(tmp_path / "owners.safetensors")
     mp.spawn(_owner, args=(2, spec.model_dump(mode="json"), f"file://{tmp_path / 'store'}", out, extra_rank),
              nprocs=2, join=True)
@@ -104,3 +106,19 @@ def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_r
     torch.testing.assert_close([x[0] for x in logged], [h["lm_loss"] for h in history], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close([x[1] for x in logged], [h["rdm"] for h in history], rtol=1e-4, atol=1e-6)
     assert [x[2] for x in logged][-1].keys() == history[-1]["alpha"].keys()
+
+
+def test_uneven_windows_weigh_every_micro_batch_alike():
+    """Each worker divides its micro-batch losses so that the mean over workers is the window's mean."""
+    from hetero_ray.spec import TrainingSpec
+    from hetero_ray.train.trainer import plan_steps
+
+    training = TrainingSpec(epochs=1, batch_size=1, grad_accum=3)
+    for world in (1, 2, 3, 4):
+        shares = [plan_steps(7, 0, training, 0, r, world) for r in range(world)]
+        for i in range(len(shares[0])):
+            steps = [s[i] for s in shares]
+            total = steps[0].replay_micro
+            assert sum(len(s.replay) for s in steps) == total
+            # sum over workers of (micro-batches / scale), averaged over workers: 1 per micro-batch overall
+            assert abs(sum(len(s.replay) / s.scale("replay") for s in steps) / world - 1.0) < 1e-12

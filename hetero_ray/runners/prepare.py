@@ -76,6 +76,21 @@ def sequence_lengths(plan: AlignmentPlan, block_size: int) -> dict[str, tuple[in
     return out
 
 
+def plan_costs(plan: AlignmentPlan, block_size: int) -> dict[str, float]:
+    """Each group's share of the transfer-net work and memory (see ``train.partition.group_costs``)."""
+    from hetero_ray.train.partition import group_costs
+
+    return group_costs(sequence_lengths(plan, block_size), {g: len(es) for g, es in plan.groups().items()})
+
+
+def group_owners(spec: FusionSpec, plan: AlignmentPlan, block_size: int) -> list[list[str]] | None:
+    """Each worker's module groups under ``cluster.partition`` (None: every net on every worker); refuses
+    more workers than groups under ``groups``."""
+    from hetero_ray.train.partition import resolve
+
+    return resolve(spec.cluster.partition, spec.cluster.workers, plan_costs(plan, block_size))
+
+
 def net_configs(spec: FusionSpec, plan: AlignmentPlan, block_size: int) -> dict[str, TransferNetConfig]:
     """One TransferNetConfig per group; "auto" sizes scale with the adapters (paper values at 8B)."""
     lengths = sequence_lengths(plan, block_size)

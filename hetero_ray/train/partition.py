@@ -52,6 +52,11 @@ def resolve(mode: str, workers: int, costs: Mapping[str, float]) -> list[list[st
     return balance(costs, workers)
 
 
+def by_group(parts: Sequence[Mapping[str, Mapping[str, object]]], keys: Sequence[str]) -> dict[str, dict]:
+    """Owners' per-group dicts (``parts``, one per worker) joined per key, groups in name order."""
+    return {k: dict(sorted({g: v for p in parts for g, v in p[k].items()}.items())) for k in keys}
+
+
 def owner_of_extra(paths: Sequence[str], workers: int) -> dict[str, int]:
     """Added-rank factors (``method.extra_rank``): module paths dealt round-robin in sorted order."""
     return {p: i % workers for i, p in enumerate(sorted(paths))}

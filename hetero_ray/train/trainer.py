@@ -21,6 +21,7 @@ from hetero_ray.denoise.fusion import EXTRA, GroupInputs, group_rdm, module_delt
 from hetero_ray.io.export import EXTRA_A, EXTRA_B
 from hetero_ray.spec import MethodSpec, TrainingSpec
 from hetero_ray.train.objectives import active, answer_forward, cross_entropy, micro_loss
+from hetero_ray.train.partition import by_group
 from hetero_ray.train.replay import Example, collate
 from hetero_ray.train.target import LoraDeltaPatch
 
@@ -31,13 +32,12 @@ def lm_loss(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return cross_entropy(answer_forward(model, batch))
 
 
-def plan_windows(
-    n_examples: int, training: TrainingSpec, seed: int, rank: int = 0, world: int = 1
-) -> list[list[list[int]]]:
-    """Optimizer steps as windows of micro-batches (lists of example indices), this worker's share.
+def plan_windows(n_examples: int, training: TrainingSpec, seed: int) -> list[list[list[int]]]:
+    """Optimizer steps as windows of micro-batches (lists of example indices).
 
-    Each epoch is a seeded permutation; a window holds ``grad_accum`` micro-batches globally, dealt
-    round-robin to ``world`` workers, so that 1 worker and N workers see the same data per step.
+    Each epoch is a seeded permutation; a window holds ``grad_accum`` micro-batches, which
+    :func:`plan_steps` deals round-robin to the workers, so that 1 worker and N workers see the same data
+    per step.
     """
     micro = []
     for epoch in range(training.epochs):
@@ -46,7 +46,7 @@ def plan_windows(
     windows = [micro[i : i + training.grad_accum] for i in range(0, len(micro), training.grad_accum)]
     if training.max_steps:
         windows = windows[: training.max_steps]
-    return [w[rank::world] for w in windows]
+    return windows
 
 
 @dataclass
@@ -56,19 +56,34 @@ class Step:
     replay: list[list[int]]
     teacher: list[list[int]]
     index: int = 0  # the optimizer step (its RDM draws depend on it)
+    world: int = 1  # workers sharing the window
+    replay_micro: int | None = None  # micro-batches of each kind in the whole window, every worker's
+    teacher_micro: int | None = None
+
+    def scale(self, kind: str) -> float:
+        """What each of this worker's micro-batch losses of ``kind`` is divided by, so that averaging the
+        workers' gradients (DeepSpeed's data-parallel mean, or the exchange's) gives the mean over the whole
+        window's micro-batches, however unevenly they were dealt (a worker may have none)."""
+        total = self.replay_micro if kind == "replay" else self.teacher_micro
+        mine = len(self.replay if kind == "replay" else self.teacher)
+        return (total / self.world if total is not None else mine) or 1.0
 
 
 def plan_steps(n_replay: int, n_teacher: int, training: TrainingSpec, seed: int, rank: int = 0, world: int = 1
                ) -> list[Step]:
     """Windows over the replay and over the teacher examples (either may be absent: 0 examples), each planned
     by :func:`plan_windows`; the run takes as many steps as the longer plan, cycling the shorter one."""
-    replay = plan_windows(n_replay, training, seed, rank, world) if n_replay else []
-    teacher = plan_windows(n_teacher, training, seed + 7919, rank, world) if n_teacher else []
+    replay = plan_windows(n_replay, training, seed) if n_replay else []
+    teacher = plan_windows(n_teacher, training, seed + 7919) if n_teacher else []
     n = max(len(replay), len(teacher))
     if training.max_steps:
         n = min(n, training.max_steps)
-    return [Step(replay[i % len(replay)] if replay else [], teacher[i % len(teacher)] if teacher else [], i)
-            for i in range(n)]
+    steps = []
+    for i in range(n):
+        r = replay[i % len(replay)] if replay else []
+        t = teacher[i % len(teacher)] if teacher else []
+        steps.append(Step(r[rank::world], t[rank::world], i, world, len(r), len(t)))
+    return steps
 
 
 class FusionObjective:
@@ -103,11 +118,10 @@ class FusionObjective:
         return plan_steps(len(self.examples) if self.replay_terms else 0,
                           len(self.teacher) if self.teacher_terms else 0, training, seed, rank, world)
 
-    def window(self, net: nn.Module, step: Step | Sequence[Sequence[int]],
-               world_micro: int | None = None) -> tuple[torch.Tensor, dict]:
+    def window(self, net: nn.Module, step: Step | Sequence[Sequence[int]]) -> tuple[torch.Tensor, dict]:
         """Forward the net once, accumulate the terms' gradients over the micro-batches, return the surrogate
-        loss to back-propagate into ``net`` and this window's metrics. ``world_micro``: micro-batches of each
-        kind in the window across all workers (each kind's losses are averaged over it)."""
+        loss to back-propagate into ``net`` and this window's metrics (each kind's losses averaged over the
+        whole window's micro-batches of that kind, see :meth:`Step.scale`)."""
         if not isinstance(step, Step):
             step = Step(list(step), [])
         t0 = time.perf_counter()
@@ -121,9 +135,9 @@ class FusionObjective:
         t1 = time.perf_counter()
         self.patch.set(leaves, extra_leaves)
         totals: dict[str, list[float]] = {}  # term -> [sum over micro-batches, micro-batches]
-        for micro, data, terms in ((step.replay, self.examples, self.replay_terms),
-                                   (step.teacher, self.teacher, self.teacher_terms)):
-            denom = world_micro or max(len(micro), 1)
+        for kind, micro, data, terms in (("replay", step.replay, self.examples, self.replay_terms),
+                                         ("teacher", step.teacher, self.teacher, self.teacher_terms)):
+            denom = step.scale(kind)
             for idx in micro:
                 loss, values = micro_loss(self.model, collate([data[i] for i in idx], self.pad_id), terms,
                                           self.patch.off)
@@ -145,7 +159,8 @@ class FusionObjective:
                                                                                  (f"{EXTRA_B}{p}", lb.grad))})
         if self.exchange is not None:  # the mean over workers, as DeepSpeed averages replicated nets' grads
             grads = self.exchange.average(grads, self._like(deltas, extra))
-        surrogate = lam * reg
+        # a worker without micro-batches this window (and no RDM) still back-propagates: zeros, with a graph
+        surrogate = lam * reg + sum(0.0 * d.sum() for d in deltas.values())
         for p, d in deltas.items():
             if grads.get(p) is not None:
                 surrogate = surrogate + (d * grads[p]).sum()
@@ -158,9 +173,7 @@ class FusionObjective:
                      "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o}}
         if self.exchange is not None:  # the whole window's losses, every group's diagnostics
             parts = self.exchange.merge({**per_group, "totals": totals})
-            per_group = {"rdm": sum(p["rdm"] for p in parts),
-                         **{k: dict(sorted({g: v for p in parts for g, v in p[k].items()}.items()))
-                            for k in ("alpha", "gate_open")}}
+            per_group = {"rdm": sum(p["rdm"] for p in parts), **by_group(parts, ("alpha", "gate_open"))}
             totals = {}
             for part in parts:
                 for n, (v, c) in part["totals"].items():

@@ -150,7 +150,7 @@ def groups_run(zoo, ray_local, tmp_path_factory):
     return spec, fuse(spec)
 
 
-def test_workers_owning_groups_split_the_nets_and_match_in_process(zoo, groups_run, tmp_path):
+def test_workers_owning_groups_split_the_nets_and_match_in_process(zoo, groups_run, tmp_path, request):
     """Each worker holds only its groups' nets and candidates; the adapter is the in-process one (which
     holds every net) within float summation order, clipping included."""
     spec, two = groups_run
@@ -163,6 +163,13 @@ def test_workers_owning_groups_split_the_nets_and_match_in_process(zoo, groups_r
     total = report["zero"]["transfer_net_params"]
     assert sum(p["partition_numel"] for p in parts) == total + len(report["alpha"])  # nets + an alpha each
     assert all(p["partition_numel"] < 0.8 * total for p in parts)
+    # each worker read only its own groups' candidates: together, each candidate once
+    zero3 = request.getfixturevalue("zero3_run")[1]
+    one = zero3.report["zero"]["partitions"]
+    assert all(p["candidate_rows"] == one[0]["candidate_rows"] for p in one)  # replicated: all of them each
+    assert sum(p["candidate_rows"] for p in parts) == one[0]["candidate_rows"]
+    assert all(0 < p["candidate_rows"] < one[0]["candidate_rows"] for p in parts)
+    assert zero3.report["zero"]["partition"] == "replicate"
     local = fuse_local(spec.model_copy(update={"output": tmp_path / "local"}))
     a, b = _tensors(two.output), _tensors(local.output)
     scale = max(float(v.abs().max()) for v in a.values())

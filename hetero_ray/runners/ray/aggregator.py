@@ -149,9 +149,9 @@ def train_loop(config: dict) -> None:
     from hetero_ray.denoise.fusion import assemble_groups, attention_mass
     from hetero_ray.runners.prepare import build_net, objective_weights, open_target
     from hetero_ray.runners.ray.faults import maybe_fail
-    from hetero_ray.train.partition import GroupExchange, exchange_shapes, owner_of_extra
+    from hetero_ray.train.partition import GroupExchange, by_group, exchange_shapes, owner_of_extra
     from hetero_ray.train.target import load_target
-    from hetero_ray.train.trainer import FusionObjective, cosine_schedule, time_step
+    from hetero_ray.train.trainer import FusionObjective, clip_over_owners, cosine_schedule, time_step
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -165,6 +165,7 @@ def train_loop(config: dict) -> None:
              if spec.control.reads_sources else None)
     device = ray.train.torch.get_device() if spec.cluster.use_gpu else torch.device("cpu")
     groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block, own).items()}
+    candidate_rows = len(cands or ())
     del cands  # the groups hold the tokens now: the candidate list is not kept beside them
     examples = _read_replay()
     model = load_target(spec.target.base, target).to(device)
@@ -172,23 +173,23 @@ def train_loop(config: dict) -> None:
     extra_paths = ([p for p, r in owner_of_extra(list(target.modules), world).items() if r == rank]
                    if owners else None)
     net = build_net(spec, plan, block, groups, target, extra_paths)
-    exchange, mpu, patched = None, None, list(target.modules) if spec.method.extra_rank else []
+    exchange, mpu, patched = None, None, set(target.modules) if spec.method.extra_rank else set()
     if owners:
         mpu = OwnGroupsParallel()
-        for p in net.parameters():
-            p.model_parallel = True  # each rank's own: DeepSpeed counts every rank's part in the global norm
         exchange = GroupExchange(exchange_shapes(plan, target, spec.method.extra_rank), mpu.everyone)
-        patched += plan.fused_modules()
+        patched |= set(plan.fused_modules())
     objective = FusionObjective(model, groups, spec.method, examples, config["pad_id"], spec.seed,
-                                objective_weights(spec), teacher, extra_modules=patched, exchange=exchange,
+                                objective_weights(spec), teacher, extra_modules=sorted(patched), exchange=exchange,
                                 n_groups=len(plan.groups()) if owners else None)
     windows = objective.steps(spec.training, spec.seed, rank, world)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.training.lr, weight_decay=spec.training.weight_decay)
     scheduler = cosine_schedule(optimizer, len(windows), spec.training.warmup_ratio)
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+                                      # owners clip by the norm over every owner's part themselves
+                                      # (DeepSpeed's bf16 path would count rank 0's part only)
                                       config=deepspeed_config(zero_stage(spec, owners), spec.cluster.dtype,
-                                                              spec.training.max_grad_norm),
+                                                              None if owners else spec.training.max_grad_norm),
                                       dist_init_required=False)
     setup_s = time.perf_counter() - t0
 
@@ -207,6 +208,8 @@ def train_loop(config: dict) -> None:
         t0 = time.perf_counter()
         engine.backward(surrogate)
         t1 = time.perf_counter()
+        if exchange is not None and spec.training.max_grad_norm:
+            clip_over_owners(params, spec.training.max_grad_norm, exchange)
         engine.step()
         time_step(metrics, t1 - t0, time.perf_counter() - t1)
         metrics.update(step=step + 1, total_steps=len(windows), lr=scheduler.get_last_lr()[0], rank=rank)
@@ -222,15 +225,14 @@ def train_loop(config: dict) -> None:
                    "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
                    "attention_mass": attention_mass(outputs, groups, len(spec.sources))}
     if exchange is not None:  # every owner's groups
-        parts = exchange.merge(diagnostics)
-        diagnostics = {k: dict(sorted({g: v for p in parts for g, v in p[k].items()}.items())) for k in diagnostics}
+        diagnostics = by_group(exchange.merge(diagnostics), list(diagnostics))
     with tempfile.TemporaryDirectory() as d:
         state = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
                  "partition_numel": partition_numel(engine.module),
                  "total_numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                     for p in engine.module.parameters()),
-                 "groups": sorted(groups), "group_bytes": sum(t.nbytes for g in groups.values()
-                                                             for t in vars(g).values() if torch.is_tensor(t)),
+                 "groups": sorted(groups), "candidate_rows": candidate_rows,
+                 "group_bytes": sum(t.nbytes for g in groups.values() for t in vars(g).values() if torch.is_tensor(t)),
                  "peak_rss_mib": peak_rss_mib()}
         (Path(d) / f"partition_rank{rank}.json").write_text(json.dumps(state))
         if rank == 0:

@@ -27,13 +27,13 @@ from hetero_ray.io.export import export_fused_adapter
 from hetero_ray.progress import progress_sink, train_callback
 from hetero_ray.runners.local import FusionResult, build_report, fusion_card
 from hetero_ray.runners.prepare import (
+    group_owners,
     input_hashes,
     net_configs,
     objective_weights,
     open_and_align,
     replay_records,
     require_trained,
-    sequence_lengths,
 )
 from hetero_ray.runners.ray import faults
 from hetero_ray.runners.ray.actors import FamilyActor
@@ -233,18 +233,10 @@ def _storage(spec: FusionSpec) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(storage).resolve())
 
 
-def group_owners(spec: FusionSpec, plan: AlignmentPlan, block: int) -> list[list[str]] | None:
-    """Each worker's module groups under ``cluster.partition`` (None: every net on every worker)."""
-    from hetero_ray.train.partition import group_costs, resolve
-
-    groups = plan.groups()
-    costs = group_costs(sequence_lengths(plan, block), {g: len(es) for g, es in groups.items()})
-    return resolve(spec.cluster.partition, spec.cluster.workers, costs)
-
-
 def candidates_by_owner(candidates, owners: list[list[str]]) -> dict:
-    """One candidate Dataset per worker: the rows of its own groups only (a filter over the one
-    materialized stream), so each worker reads and holds its share."""
+    """One candidate Dataset per worker: the rows of its own groups only, so each worker reads and holds its
+    share. Materialized here, before the workers hold their CPUs (a lazy filter would need Ray Data tasks
+    while the workers wait on them); together they hold the bytes of the one stream they split."""
     import pyarrow.compute as pc
 
     out = {}
@@ -252,7 +244,7 @@ def candidates_by_owner(candidates, owners: list[list[str]]) -> dict:
         keep = pa.array(own, pa.string())
         out[f"candidates_{rank}"] = candidates.map_batches(
             lambda t, keep=keep: t.filter(pc.is_in(t["group"], value_set=keep)), batch_format="pyarrow",
-            batch_size=None, num_cpus=0.25)
+            batch_size=None).materialize()
     return out
 
 
