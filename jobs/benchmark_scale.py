@@ -82,7 +82,7 @@ def run_one(spec, workers: int, partition: str, zero_stage: int, storage: Path, 
     shutil.rmtree(spec.output, ignore_errors=True)
     return {
         "sources": len(spec.sources), "workers": workers, "partition": zero["partition"], "zero_stage": zero["stage"],
-        "wall_s": round(wall, 1), **{f"{k}_s": round(v, 2) for k, v in result.report["timings_s"].items()},
+        "wall_s": round(wall, 1), **{k: round(v, 2) for k, v in result.report["timings_s"].items()},
         "step_s": round(mean["step"], 4), "step_parts_s": {k: round(mean[k], 4) for k in PARTS},
         "max_worker_params": max(p["partition_numel"] for p in parts),
         "max_worker_token_MB": round(max(p["group_bytes"] for p in parts) / 1e6, 2),
@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--sources", default="4,16,64", help="comma-separated source counts")
     ap.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
     ap.add_argument("--partition", default="groups,replicate", help="cluster.partition values to compare")
-    ap.add_argument("--zero-stage", type=int, default=3, help="ZeRO stage where nets are replicated")
+    ap.add_argument("--zero-stage", type=int, default=3,
+                    help="ZeRO stage where nets are replicated over 2+ workers (1 worker: ZeRO-0)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
@@ -135,7 +136,9 @@ def main() -> None:
                 for partition in args.partition.split(","):
                     if w == 1 and partition != args.partition.split(",")[0]:
                         continue  # one worker holds everything either way
-                    row = run_one(spec, w, partition, args.zero_stage, root / "runs", args.address)
+                    # one worker holds every net: ZeRO-0, what an owner runs (ZeRO-3 alone only adds gathers)
+                    stage = 0 if w == 1 else args.zero_stage
+                    row = run_one(spec, w, partition, stage, root / "runs", args.address)
                     base = next((r for r in rows if r["sources"] == n and r["workers"] == 1), row)
                     row["state_vs_1_worker"] = round(row["max_worker_net_state_MB"]
                                                      / base["max_worker_net_state_MB"], 3)
