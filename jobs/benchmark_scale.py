@@ -1,6 +1,8 @@
 """Scale-out benchmark: the distributed fusion at several source counts x worker counts x ways of sharing the
 transfer networks (``cluster.partition``), on a local Ray (or the cluster at --address). Prints, per run:
-per-stage wall time, the step split (target forward/backward, nets forward, RDM, nets backward, optimizer),
+per-stage wall time, the step split on rank 0 (target forward/backward, nets forward, RDM, nets backward,
+optimizer: rank 0's own timed parts, so an owner's waits at the exchange count in its nets' forward and
+the norm's gather in its optimizer step; the per-step metrics merge and report are outside them),
 per-worker transfer-net parameters, candidate-token bytes, their state (weights, gradients, AdamW) and peak
 RSS, with ratios to the 1-worker run of the same sources; per source count, alignment MB/s (in-process and
 on Ray) next to a raw read of the same files, in the same run.
@@ -109,6 +111,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the rows here (JSON)")
     ap.add_argument("--keep", action="store_true", help="keep the built models")
     args = ap.parse_args()
+    if args.workers.split(",")[0] != "1":
+        ap.error("--workers must start with 1: every ratio is to the 1-worker run of the same sources")
 
     import torch
 
@@ -139,7 +143,7 @@ def main() -> None:
                     # one worker holds every net: ZeRO-0, what an owner runs (ZeRO-3 alone only adds gathers)
                     stage = 0 if w == 1 else args.zero_stage
                     row = run_one(spec, w, partition, stage, root / "runs", args.address)
-                    base = next((r for r in rows if r["sources"] == n and r["workers"] == 1), row)
+                    base = next(r for r in rows + [row] if r["sources"] == n and r["workers"] == 1)
                     row["state_vs_1_worker"] = round(row["max_worker_net_state_MB"]
                                                      / base["max_worker_net_state_MB"], 3)
                     row["step_vs_1_worker"] = round(row["step_s"] / base["step_s"], 3)

@@ -63,13 +63,13 @@ def _owner(rank: int, world: int, spec_json: dict, init: str, out: str, extra_ra
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("extra_rank,grad_accum", [(0, 4), (2, 5), (0, 11)],
+@pytest.mark.parametrize("extra_rank,grad_accum,epochs", [(0, 4, 2), (2, 5, 2), (2, 11, 1)],
                          ids=["even", "added-rank-uneven", "a-worker-without-micro-batches"])
-def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_rank, grad_accum):
+def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_rank, grad_accum, epochs):
     """2 processes, each owning its groups (and half of the added rank), exchanging dB and gradients over
     gloo, with the global norm clipped: the deltas, losses, RDM and alphas of one process holding every net.
-    12 micro-batches an epoch: windows of 4 split 2/2; of 5 split 3/2 and the last (2) 1/1; of 11 split
-    6/5 and the last (1) 1/0."""
+    12 micro-batches an epoch: windows of 4 split 2/2; over 2 epochs, windows of 5 split 3/2 and the last
+    (4) 2/2; over 1 epoch, windows of 11 split 6/5 and the last (1) 1/0."""
     import json
 
     import torch
@@ -82,7 +82,7 @@ def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_r
     from hetero_ray.train.trainer import FusionObjective, fit
     from tests.helpers import make_spec
 
-    spec = make_spec(zoo, tmp_path / "out", **{"training.max_grad_norm": 0.05, "training.epochs": 2,
+    spec = make_spec(zoo, tmp_path / "out", **{"training.max_grad_norm": 0.05, "training.epochs": epochs,
                                                "method.extra_rank": extra_rank, "training.grad_accum": grad_accum})
     out = str(tmp_path / "owners.safetensors")
     mp.spawn(_owner, args=(2, spec.model_dump(mode="json"), f"file://{tmp_path / 'store'}", out, extra_rank),
@@ -95,6 +95,9 @@ def test_two_owners_train_the_same_adapter_as_one_process(zoo, tmp_path, extra_r
     objective = FusionObjective(load_target(spec.target.base, p.target), p.groups, spec.method,
                                 replay_examples(spec, tok), tok.pad_token_id, spec.seed, objective_weights(spec),
                                 extra_modules=list(p.target.modules) if extra_rank else ())
+    splits = [[len(s.replay) for s in objective.steps(spec.training, spec.seed, r, 2)] for r in range(2)]
+    assert splits[1][-1] == (0 if grad_accum == 11 else splits[0][-1])  # each case is what its name says
+    assert grad_accum == 4 or splits[0][0] > splits[1][0]
     history = fit(net, objective, spec.training, spec.seed)
     one, _ = objective.final_deltas(net)
     two = load_file(out)

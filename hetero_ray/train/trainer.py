@@ -160,7 +160,9 @@ class FusionObjective:
         if self.exchange is not None:  # the mean over workers, as DeepSpeed averages replicated nets' grads
             grads = self.exchange.average(grads, self._like(deltas, extra))
         # a worker without micro-batches this window (and no RDM) still back-propagates: zeros, with a graph
-        surrogate = lam * reg + sum(0.0 * d.sum() for d in deltas.values())
+        # (and every one of its parameters gets a gradient, as DeepSpeed's ZeRO buckets expect on every rank)
+        surrogate = (lam * reg + sum(0.0 * d.sum() for d in deltas.values())
+                     + sum(0.0 * (a.sum() + b.sum()) for a, b in extra.values()))
         for p, d in deltas.items():
             if grads.get(p) is not None:
                 surrogate = surrogate + (d * grads[p]).sum()

@@ -322,17 +322,24 @@ def test_multi_node_cluster_runs_one_worker_per_node_and_gives_the_same_adapter(
     assert _max_diff(_tensors(reference.output), _tensors(out.adapter)) < 1e-6
 
 
-@pytest.mark.parametrize("strategy,net", [("heterofusion", "grounded"), ("distill_only", "paper")])
-def test_teacher_signals_on_ray_match_in_process(zoo, ray_local, tmp_path, strategy, net):
-    """FamilyActors compute the teacher signals, Ray Data carries the teacher examples to 2 ZeRO-3 workers,
-    which train with every objective term and added rank: the same adapter as in-process."""
+@pytest.mark.parametrize("strategy,net,cluster,grad_accum", [
+    ("heterofusion", "grounded", {"partition": "groups"}, 2),
+    # one micro-batch a window: the second worker has none, every window, and its ZeRO-2 buckets must still
+    # hold a (zero) gradient for every parameter, added rank included
+    ("distill_only", "paper", {"partition": "replicate", "zero_stage": 2}, 1)],
+    ids=["owners-heterofusion-grounded", "replicate-zero2-distill_only-one-micro-batch"])
+def test_teacher_signals_on_ray_match_in_process(zoo, ray_local, tmp_path, strategy, net, cluster, grad_accum):
+    """FamilyActors compute the teacher signals, Ray Data carries the teacher examples to 2 workers (owning
+    module groups, or replicated under ZeRO-2), which train with every objective term and added rank: the
+    same adapter as in-process."""
     from hetero_ray.runners.ray.driver import fuse
 
     spec = _spec(zoo, tmp_path, f"teach-{strategy}", sources=("qwen2", "gemma3"), strategy=strategy,
                  teach={"prompts": [{"path": str(zoo["replay"]), "take": 4}], "max_new_tokens": 6},
                  objective={"paper": 1.0, "distill": 1.0, "excess": 0.5, "retain": 0.5},
                  method={"num_projections": 16, "net": net, "extra_rank": 2},
-                 training={"epochs": 1, "lr": 3e-3, "grad_accum": 2, "batch_size": 2, "max_length": 64})
+                 training={"epochs": 1, "lr": 3e-3, "grad_accum": grad_accum, "batch_size": 2, "max_length": 64},
+                 **{f"cluster.{k}": v for k, v in cluster.items()})
     ray_result = fuse(spec)
     local = fuse_local(spec.model_copy(update={"output": tmp_path / "local"}))
     a, b = _tensors(ray_result.output), _tensors(local.output)

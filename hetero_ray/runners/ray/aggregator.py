@@ -7,7 +7,8 @@ transfer networks are shared in one of two ways (``cluster.partition``, resolved
 - ``groups``: each worker owns whole module groups (:mod:`hetero_ray.train.partition`): it reads only their
   candidates (its own Ray Data stream), builds and trains only their nets, and exchanges dB and the modules'
   gradients with the others once per window. DeepSpeed sees the groups as model-parallel ranks (each its
-  own data-parallel group of one), so it checkpoints each worker's part and clips by the global norm.
+  own data-parallel group of one), so it checkpoints each worker's part; the owners clip by the norm over
+  every part themselves (``clip_over_owners``), with DeepSpeed's clipping off.
 - ``replicate``: every worker holds every net and every candidate, and DeepSpeed ZeRO (stage 0/1/2/3)
   shards their states and averages their gradients.
 

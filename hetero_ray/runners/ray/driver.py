@@ -236,7 +236,8 @@ def _storage(spec: FusionSpec) -> tuple[pafs.FileSystem, str]:
 def candidates_by_owner(candidates, owners: list[list[str]]) -> dict:
     """One candidate Dataset per worker: the rows of its own groups only, so each worker reads and holds its
     share. Materialized here, before the workers hold their CPUs (a lazy filter would need Ray Data tasks
-    while the workers wait on them); together they hold the bytes of the one stream they split."""
+    while the workers wait on them); together they hold the bytes of the one stream they split, which the
+    caller then drops."""
     import pyarrow.compute as pc
 
     out = {}
@@ -311,6 +312,9 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     replay = replay_dataset(spec, tokenizer)
     teacher = teacher_dataset(spec, signals, tokenizer)
 
+    # owners get their groups' rows only; the whole stream is then dropped, so the object store holds it once
+    streams = candidates_by_owner(candidates, owners) if owners else {"candidates": candidates}
+    del candidates
     t0 = time.perf_counter()
     sink = progress_sink() if on_progress else None
     trainer = TorchTrainer(
@@ -323,8 +327,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
         run_config=ray.train.RunConfig(name=name, storage_path=spec.cluster.storage if "://" in spec.cluster.storage
                                        else root, failure_config=ray.train.FailureConfig(max_failures=3),
                                        callbacks=[train_callback(sink)], worker_runtime_env=faults.runtime_env()),
-        datasets={**(candidates_by_owner(candidates, owners) if owners else {"candidates": candidates}),
-                  "replay": replay, "teacher": teacher},
+        datasets={**streams, "replay": replay, "teacher": teacher},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = _fit_with_progress(trainer, sink, on_progress)
