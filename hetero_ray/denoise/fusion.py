@@ -253,6 +253,13 @@ def module_deltas(
     return deltas
 
 
+def group_diagnostics(outputs: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, float]]:
+    """Per group: its alpha and, for the grounded net, the mean gate opening (what a step logs and a run
+    reports)."""
+    return {"alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
+            "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o}}
+
+
 def attention_mass(outputs: Mapping[str, Mapping[str, torch.Tensor]], groups: Mapping[str, GroupInputs],
                    n_sources: int) -> dict[str, dict[int, list[float]]]:
     """Per group and target layer: the attention mass each source received (mean over target tokens)."""

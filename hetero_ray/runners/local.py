@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from hetero_ray.align import AlignmentPlan
-from hetero_ray.denoise.fusion import GroupInputs, attention_mass
+from hetero_ray.denoise.fusion import GroupInputs, attention_mass, group_diagnostics
 from hetero_ray.errors import HeteroRayError
 from hetero_ray.io.export import export_fused_adapter, report_header
 from hetero_ray.runners.prepare import (
@@ -42,8 +42,7 @@ def build_report(spec: FusionSpec, plan: AlignmentPlan, hashes: dict, history: l
     return {
         **report_header(spec, hashes, timings, history, plan.to_dict()),
         "transfer_nets": {n: c.to_dict() for n, c in net_cfgs.items()},
-        "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
-        "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
+        **group_diagnostics(outputs),
         "attention_mass": attention_mass(outputs, groups, len(spec.sources)),
     }
 

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hetero_ray.denoise.fusion import EXTRA, GroupInputs, group_rdm, module_deltas, rdm_generators
+from hetero_ray.denoise.fusion import (
+    EXTRA,
+    GroupInputs,
+    group_diagnostics,
+    group_rdm,
+    module_deltas,
+    rdm_generators,
+)
 from hetero_ray.io.export import EXTRA_A, EXTRA_B
 from hetero_ray.spec import MethodSpec, TrainingSpec
 from hetero_ray.train.objectives import active, answer_forward, cross_entropy, micro_loss
@@ -170,16 +177,16 @@ class FusionObjective:
             if grads.get(f"{EXTRA_A}{p}") is not None:
                 surrogate = surrogate + (a * grads[f"{EXTRA_A}{p}"]).sum() + (b * grads[f"{EXTRA_B}{p}"]).sum()
         t4 = time.perf_counter()
-        per_group = {"rdm": float(reg.detach()),
-                     "alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
-                     "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o}}
+        per_group = {"rdm": float(reg.detach()), **group_diagnostics(outputs)}
         if self.exchange is not None:  # the whole window's losses, every group's diagnostics
             parts = self.exchange.merge({**per_group, "totals": totals})
             per_group = {"rdm": sum(p["rdm"] for p in parts), **by_group(parts, ("alpha", "gate_open"))}
             totals = {}
             for part in parts:
                 for n, (v, c) in part["totals"].items():
-                    totals[n] = [totals.get(n, [0.0, 0])[0] + v, totals.get(n, [0.0, 0])[1] + c]
+                    total = totals.setdefault(n, [0.0, 0])
+                    total[0] += v
+                    total[1] += c
         sums = {n: v / c for n, (v, c) in totals.items()}
         metrics = {
             "lm_loss": sums.get("paper", sums.get("distill", 0.0)),
@@ -228,7 +235,7 @@ class FusionObjective:
 def clip_over_owners(params: Sequence[torch.Tensor], max_norm: float, exchange) -> float:
     """Clip every owner's gradients by their global norm (as one process holding every net would)."""
     local = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
-    norm = sum(exchange.merge({"sq": local})[r]["sq"] for r in range(exchange.world)) ** 0.5
+    norm = sum(part["sq"] for part in exchange.merge({"sq": local})) ** 0.5  # one gather, every owner's part
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
         for p in params:

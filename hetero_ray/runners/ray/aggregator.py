@@ -68,8 +68,8 @@ def partition_numel(module: torch.nn.Module) -> int:
 
 class OwnGroupsParallel:
     """DeepSpeed's model-parallel interface for workers that own disjoint groups: all workers form the
-    model-parallel group (gradient norms are summed over it), each worker is a data-parallel group of its
-    own (nothing to average or shard)."""
+    model-parallel group (each checkpoints its own part), each worker is a data-parallel group of its own
+    (nothing to average or shard). Gradient clipping is the owners' own (``clip_over_owners``)."""
 
     def __init__(self):
         import torch.distributed as dist
@@ -147,7 +147,7 @@ def train_loop(config: dict) -> None:
     from safetensors.torch import save_file
 
     from hetero_ray.align import AlignmentPlan
-    from hetero_ray.denoise.fusion import assemble_groups, attention_mass
+    from hetero_ray.denoise.fusion import assemble_groups, attention_mass, group_diagnostics
     from hetero_ray.runners.prepare import build_net, objective_weights, open_target
     from hetero_ray.runners.ray.faults import maybe_fail
     from hetero_ray.train.partition import GroupExchange, by_group, exchange_shapes, owner_of_extra
@@ -222,9 +222,7 @@ def train_loop(config: dict) -> None:
             ray.train.report(_flat(metrics))
 
     deltas, outputs = objective.final_deltas(engine)
-    diagnostics = {"alpha": {g: float(o["alpha"]) for g, o in outputs.items()},
-                   "gate_open": {g: float(o["gate_open"]) for g, o in outputs.items() if "gate_open" in o},
-                   "attention_mass": attention_mass(outputs, groups, len(spec.sources))}
+    diagnostics = {**group_diagnostics(outputs), "attention_mass": attention_mass(outputs, groups, len(spec.sources))}
     if exchange is not None:  # every owner's groups
         diagnostics = by_group(exchange.merge(diagnostics), list(diagnostics))
     with tempfile.TemporaryDirectory() as d:
