@@ -4,7 +4,9 @@ per-stage wall time, the step split on rank 0 (target forward/backward, nets for
 optimizer: rank 0's own timed parts, so an owner's waits at the exchange count in its nets' forward and
 the norm's gather in its optimizer step; the per-step metrics merge and report are outside them),
 per-worker transfer-net parameters, candidate-token bytes, their state (weights, gradients, AdamW) and peak
-RSS, with ratios to the 1-worker run of the same sources; per source count, alignment MB/s (in-process and
+RSS, with ratios to the 1-worker run of the same sources; each worker's memory growth (peak RSS over its RSS
+with the libraries imported, and the same at the end of setup) next to what `hetero-ray check` estimates for
+the most loaded worker of the same spec; per source count, alignment MB/s (in-process and
 on Ray) next to a raw read of the same files, in the same run.
 
     python jobs/benchmark_scale.py --sources 4,16,64 --workers 1,2,4 --partition groups,replicate
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.benchmark_pipeline import build_zoo  # noqa: E402
 
 PARTS = ("target", "nets_forward", "rdm", "nets_backward", "optimizer")
+MIB, GIB = 1 << 20, 1 << 30
 
 
 def alignment_rates(spec, repeats: int, ray: bool) -> dict:
@@ -67,12 +70,15 @@ def alignment_rates(spec, repeats: int, ray: bool) -> dict:
 
 
 def run_one(spec, workers: int, partition: str, zero_stage: int, storage: Path, address: str | None) -> dict:
+    from hetero_ray.planning import check
+    from hetero_ray.runners.ray.aggregator import memory_growth
     from hetero_ray.runners.ray.driver import fuse
 
     name = f"scale-{len(spec.sources)}s-{workers}w-{partition}"
     spec = spec.model_copy(update={
         "name": name, "output": storage / "out" / name, "cluster": spec.cluster.model_copy(update={
             "workers": workers, "partition": partition, "zero_stage": zero_stage, "storage": str(storage / "runs")})})
+    estimate = check(spec)["memory_gib_per_worker"][workers]  # the most loaded worker, this run's layout
     t0 = time.perf_counter()
     result = fuse(spec, address)
     wall = time.perf_counter() - t0
@@ -81,6 +87,10 @@ def run_one(spec, workers: int, partition: str, zero_stage: int, storage: Path, 
     zero = result.report["zero"]
     parts = zero["partitions"]
     state = [16 * p["partition_numel"] + p["group_bytes"] for p in parts]  # fp32 weights, grads, 2 AdamW states
+    # each worker's memory growth over its RSS with the libraries imported, and the part that is its own heap
+    # (less the object store's pages it touched, held by Ray's store once per node, and mapped files)
+    grown = [memory_growth(p["memory_mib"]) for p in parts if "anon" in p.get("memory_mib", {}).get("start", {})]
+    growth, setup, own = ([MIB * g[k] for g in grown] for k in ("total", "setup", "own"))
     shutil.rmtree(spec.output, ignore_errors=True)
     return {
         "sources": len(spec.sources), "workers": workers, "partition": zero["partition"], "zero_stage": zero["stage"],
@@ -89,8 +99,16 @@ def run_one(spec, workers: int, partition: str, zero_stage: int, storage: Path, 
         "max_worker_params": max(p["partition_numel"] for p in parts),
         "max_worker_token_MB": round(max(p["group_bytes"] for p in parts) / 1e6, 2),
         "max_worker_net_state_MB": round(max(state) / 1e6, 2),
-        "max_worker_peak_rss_MB": round(max(p["peak_rss_mib"] for p in parts) * 1.048576, 1),
+        "max_worker_peak_rss_MB": round(max(p["peak_rss_mib"] for p in parts) * MIB / 1e6, 1),
         "groups_per_worker": [len(p.get("groups", [])) for p in parts],
+        "max_worker_rss_growth_MB": round(max(growth) / 1e6, 1) if growth else None,
+        "max_worker_setup_growth_MB": round(max(setup) / 1e6, 1) if setup else None,
+        "max_worker_own_growth_MB": round(max(own) / 1e6, 1) if own else None,
+        "check_MB": round(estimate["total"] * GIB / 1e6, 1),
+        "check_over_own_growth": round(estimate["total"] * GIB / max(own), 3) if own else None,
+        "memory_marks_MiB": [p.get("memory_mib") for p in parts],
+        "check_parts_MB": {k: round(v * GIB / 1e6, 1) for k, v in estimate.items()
+                           if k != "total" and isinstance(v, float)},
     }
 
 
@@ -155,14 +173,17 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print("\n| sources | workers | partition | step s | vs 1 | target | nets fwd | RDM | nets bwd | optim | "
-          "net state MB/worker | vs 1 | tokens MB/worker | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "net state MB/worker | vs 1 | tokens MB/worker | peak RSS MB | RSS growth MB (setup) | own growth MB | "
+          "check MB | check / own |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["step_parts_s"]
         print(f"| {r['sources']} | {r['workers']} | {r['partition']} | {r['step_s']:.3f} | {r['step_vs_1_worker']} | "
               f"{p['target']:.3f} | {p['nets_forward']:.3f} | {p['rdm']:.3f} | {p['nets_backward']:.3f} | "
               f"{p['optimizer']:.3f} | {r['max_worker_net_state_MB']} | {r['state_vs_1_worker']} | "
-              f"{r['max_worker_token_MB']} | {r['max_worker_peak_rss_MB']} |")
+              f"{r['max_worker_token_MB']} | {r['max_worker_peak_rss_MB']} | {r['max_worker_rss_growth_MB']} "
+              f"({r['max_worker_setup_growth_MB']}) | {r['max_worker_own_growth_MB']} | {r['check_MB']} | "
+              f"{r['check_over_own_growth']} |")
     print("\n| sources | adapters MB | raw read MB/s | alignment MB/s (share of raw) | on Ray MB/s (share) |")
     print("|---|---|---|---|---|")
     for n, r in rates.items():

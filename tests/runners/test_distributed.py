@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from hetero_ray.client import FusionClient
 from hetero_ray.runners.local import fuse_local
+from hetero_ray.runners.ray.aggregator import memory_growth
 from tests.helpers import make_spec
 
 pytestmark = pytest.mark.slow
@@ -163,6 +164,16 @@ def test_workers_owning_groups_split_the_nets_and_match_in_process(zoo, groups_r
     total = report["zero"]["transfer_net_params"]
     assert sum(p["partition_numel"] for p in parts) == total + len(report["alpha"])  # nets + an alpha each
     assert all(p["partition_numel"] < 0.8 * total for p in parts)
+    # memory as the workers saw it, mark by mark (benchmark_scale compares the growth with `check`): its
+    # own heap, shared memory (the object store) and the peak, which never falls
+    for p in parts:
+        marks = p["memory_mib"]
+        assert list(marks)[:2] == ["start", "candidates_read"] and "first_step" in marks and "end" in marks
+        peaks = [m["peak"] for m in marks.values()]
+        assert peaks == sorted(peaks) and peaks[-1] <= p["peak_rss_mib"], marks
+        assert all(0 < m["anon"] <= m["peak"] and m["shmem"] >= 0 for m in marks.values()), marks
+        grown = memory_growth(marks)
+        assert 0 < grown["setup"] <= grown["total"] and 0 < grown["own"] <= grown["total"], grown
     # each worker read only its own groups' candidates: together, each candidate once
     zero3 = request.getfixturevalue("zero3_run")[1]
     one = zero3.report["zero"]["partitions"]

@@ -61,6 +61,48 @@ def peak_rss_mib() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+def rss_parts_mib() -> dict[str, float]:
+    """This process's resident memory now (MiB) from /proc: ``anon`` (its own heap), ``shmem`` (shared
+    memory it has touched: Ray's object store) and ``file`` (mapped files); empty where there is no /proc."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {"RssAnon:": "anon", "RssShmem:": "shmem", "RssFile:": "file"}
+    return {fields[w[0]]: round(int(w[1]) / 1024, 1) for w in map(str.split, lines) if w and w[0] in fields}
+
+
+class MemoryTrace:
+    """A worker's resident memory at the marks of its run (``rss_parts_mib`` and the peak RSS so far), the
+    first taken with the libraries imported and nothing read or built: the baseline of the growth that
+    `hetero-ray check` estimates (jobs/benchmark_scale.py compares the two)."""
+
+    def __init__(self):
+        self.marks: dict[str, dict[str, float]] = {}
+        self.mark("start")
+
+    @staticmethod
+    def now() -> dict[str, float]:
+        return {**rss_parts_mib(), "peak": round(peak_rss_mib(), 1)}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = self.now()
+
+
+def memory_growth(marks: dict[str, dict[str, float]]) -> dict[str, float]:
+    """What a worker's run added to its memory (MiB), from its ``MemoryTrace`` marks: ``total``, the peak RSS
+    over the baseline; ``setup``, the same at the end of setup; ``shared`` and ``file``, the largest growth
+    of the object store's pages and of mapped files; ``own`` = total - shared - file, its own heap at the
+    peak (what `hetero-ray check` estimates)."""
+    start = marks["start"]
+    base = start["anon"] + start["shmem"] + start["file"]
+    shared, file = (max(m[k] for m in marks.values()) - start[k] for k in ("shmem", "file"))
+    total = max(m["peak"] for m in marks.values()) - base
+    out = {"total": total, "setup": marks["setup"]["peak"] - base if "setup" in marks else None,
+           "shared": shared, "file": file, "own": total - shared - file}
+    return {k: None if v is None else round(v, 1) for k, v in out.items()}
+
+
 def partition_numel(module: torch.nn.Module) -> int:
     """Parameters held by this rank: its ZeRO-3 partition, or every parameter below stage 3."""
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
@@ -154,6 +196,7 @@ def train_loop(config: dict) -> None:
     from hetero_ray.train.target import load_target
     from hetero_ray.train.trainer import FusionObjective, clip_over_owners, cosine_schedule, time_step
 
+    memory = MemoryTrace()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     plan = AlignmentPlan.from_dict(config["plan"])
@@ -164,15 +207,18 @@ def train_loop(config: dict) -> None:
     own = owners[rank] if owners else None
     cands = (_read_candidates(f"candidates_{rank}" if owners else "candidates")
              if spec.control.reads_sources else None)
+    memory.mark("candidates_read")
     device = ray.train.torch.get_device() if spec.cluster.use_gpu else torch.device("cpu")
     groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block, own).items()}
     candidate_rows = len(cands or ())
+    memory.mark("groups_assembled")
     del cands  # the groups hold the tokens now: the candidate list is not kept beside them
     examples = _read_replay()
     model = load_target(spec.target.base, target).to(device)
     teacher = _read_teacher()
     extra_paths = ([p for p, r in owner_of_extra(list(target.modules), world).items() if r == rank]
                    if owners else None)
+    memory.mark("target_loaded")
     net = build_net(spec, plan, block, groups, target, extra_paths)
     exchange, mpu, patched = None, None, set(target.modules) if spec.method.extra_rank else set()
     if owners:
@@ -193,6 +239,7 @@ def train_loop(config: dict) -> None:
                                                               None if owners else spec.training.max_grad_norm),
                                       dist_init_required=False)
     setup_s = time.perf_counter() - t0
+    memory.mark("setup")
 
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -215,6 +262,8 @@ def train_loop(config: dict) -> None:
         time_step(metrics, t1 - t0, time.perf_counter() - t1)
         metrics.update(step=step + 1, total_steps=len(windows), lr=scheduler.get_last_lr()[0], rank=rank)
         history.append(metrics)
+        if step == start:
+            memory.mark("first_step")
         done = step + 1
         if done % per_epoch == 0 or done == len(windows):
             _report_checkpoint(engine, rank, done, history, metrics)
@@ -232,7 +281,7 @@ def train_loop(config: dict) -> None:
                                     for p in engine.module.parameters()),
                  "groups": sorted(groups), "candidate_rows": candidate_rows,
                  "group_bytes": sum(t.nbytes for g in groups.values() for t in vars(g).values() if torch.is_tensor(t)),
-                 "peak_rss_mib": peak_rss_mib()}
+                 "memory_mib": {**memory.marks, "end": MemoryTrace.now()}, "peak_rss_mib": peak_rss_mib()}
         (Path(d) / f"partition_rank{rank}.json").write_text(json.dumps(state))
         if rank == 0:
             save_file({k: v.contiguous() for k, v in deltas.items()}, str(Path(d) / FINAL_DELTAS))

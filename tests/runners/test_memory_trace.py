@@ -1,0 +1,34 @@
+"""A worker's memory marks (what jobs/benchmark_scale.py compares with `hetero-ray check`): read from /proc,
+and the growth computed from them."""
+
+import sys
+
+import pytest
+import torch
+
+from hetero_ray.runners.ray.aggregator import MemoryTrace, memory_growth
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_marks_see_a_tensor_in_the_heap_and_the_peak():
+    trace = MemoryTrace()
+    x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    trace.mark("held")
+    del x
+    trace.mark("freed")
+    start, held, freed = (trace.marks[k] for k in ("start", "held", "freed"))
+    assert set(start) == {"anon", "shmem", "file", "peak"}
+    assert 60 <= held["anon"] - start["anon"] <= 80, trace.marks
+    assert held["peak"] - start["peak"] >= 60 and freed["peak"] == held["peak"]  # the peak stays
+    assert freed["anon"] < held["anon"] - 50  # a tensor this large is its own mapping: given back
+
+
+def test_growth_separates_the_object_store_and_files_from_the_heap():
+    marks = {"start": {"anon": 100.0, "shmem": 5.0, "file": 20.0, "peak": 125.0},
+             "candidates_read": {"anon": 150.0, "shmem": 45.0, "file": 22.0, "peak": 217.0},
+             "setup": {"anon": 200.0, "shmem": 45.0, "file": 30.0, "peak": 275.0},
+             "end": {"anon": 180.0, "shmem": 45.0, "file": 30.0, "peak": 400.0}}
+    g = memory_growth(marks)
+    assert g == {"total": 275.0, "setup": 150.0, "shared": 40.0, "file": 10.0, "own": 225.0}
+    del marks["setup"]
+    assert memory_growth(marks)["setup"] is None
