@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from hetero_ray.client import FusionClient
 from hetero_ray.runners.local import fuse_local
-from hetero_ray.runners.ray.aggregator import memory_growth
+from hetero_ray.runners.ray.aggregator import MemoryTrace, memory_growth
 from tests.helpers import make_spec
 
 pytestmark = pytest.mark.slow
@@ -168,9 +168,9 @@ def test_workers_owning_groups_split_the_nets_and_match_in_process(zoo, groups_r
     # own heap, shared memory (the object store) and the peak, which never falls
     for p in parts:
         marks = p["memory_mib"]
-        assert list(marks)[:2] == ["start", "candidates_read"] and "first_step" in marks and "end" in marks
-        peaks = [m["peak"] for m in marks.values()]
-        assert peaks == sorted(peaks) and peaks[-1] <= p["peak_rss_mib"], marks
+        assert set(marks) == set(MemoryTrace.MARKS), marks
+        peaks = [marks[k]["peak"] for k in MemoryTrace.MARKS]
+        assert peaks == sorted(peaks) and peaks[-1] <= p["peak_rss_mib"] + 0.05, marks  # marks: 0.1 MiB
         assert all(0 < m["anon"] <= m["peak"] and m["shmem"] >= 0 for m in marks.values()), marks
         grown = memory_growth(marks)
         assert 0 < grown["setup"] <= grown["total"] and 0 < grown["own"] <= grown["total"], grown

@@ -75,18 +75,17 @@ def rss_parts_mib() -> dict[str, float]:
 class MemoryTrace:
     """A worker's resident memory at the marks of its run (``rss_parts_mib`` and the peak RSS so far), the
     first taken with the libraries imported and nothing read or built: the baseline of the growth that
-    `hetero-ray check` estimates (jobs/benchmark_scale.py compares the two)."""
+    `hetero-ray check` estimates (jobs/benchmark_scale.py compares the two). ``MARKS``: their order in a
+    run (the report's JSON sorts them by name)."""
+
+    MARKS = ("start", "candidates_read", "groups_assembled", "target_loaded", "setup", "first_step", "end")
 
     def __init__(self):
         self.marks: dict[str, dict[str, float]] = {}
         self.mark("start")
 
-    @staticmethod
-    def now() -> dict[str, float]:
-        return {**rss_parts_mib(), "peak": round(peak_rss_mib(), 1)}
-
     def mark(self, name: str) -> None:
-        self.marks[name] = self.now()
+        self.marks[name] = {**rss_parts_mib(), "peak": round(peak_rss_mib(), 1)}
 
 
 def memory_growth(marks: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -274,6 +273,7 @@ def train_loop(config: dict) -> None:
     diagnostics = {**group_diagnostics(outputs), "attention_mass": attention_mass(outputs, groups, len(spec.sources))}
     if exchange is not None:  # every owner's groups
         diagnostics = by_group(exchange.merge(diagnostics), list(diagnostics))
+    memory.mark("end")
     with tempfile.TemporaryDirectory() as d:
         state = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
                  "partition_numel": partition_numel(engine.module),
@@ -281,7 +281,7 @@ def train_loop(config: dict) -> None:
                                     for p in engine.module.parameters()),
                  "groups": sorted(groups), "candidate_rows": candidate_rows,
                  "group_bytes": sum(t.nbytes for g in groups.values() for t in vars(g).values() if torch.is_tensor(t)),
-                 "memory_mib": {**memory.marks, "end": MemoryTrace.now()}, "peak_rss_mib": peak_rss_mib()}
+                 "memory_mib": memory.marks, "peak_rss_mib": peak_rss_mib()}
         (Path(d) / f"partition_rank{rank}.json").write_text(json.dumps(state))
         if rank == 0:
             save_file({k: v.contiguous() for k, v in deltas.items()}, str(Path(d) / FINAL_DELTAS))
