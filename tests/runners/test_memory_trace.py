@@ -19,7 +19,8 @@ def test_marks_see_a_tensor_in_the_heap_and_the_peak():
     start, held, freed = (trace.marks[k] for k in ("start", "held", "freed"))
     assert set(start) == {"anon", "shmem", "file", "peak"}
     assert 60 <= held["anon"] - start["anon"] <= 80, trace.marks
-    assert held["peak"] - start["peak"] >= 60 and freed["peak"] == held["peak"]  # the peak stays
+    # the peak is the process's (earlier tests may have set it higher): at least what is resident, never falling
+    assert held["peak"] >= held["anon"] + held["shmem"] + held["file"] - 0.2 and freed["peak"] >= held["peak"]
     assert freed["anon"] < held["anon"] - 50  # a tensor this large is its own mapping: given back
 
 
