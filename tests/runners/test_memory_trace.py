@@ -18,10 +18,11 @@ def test_marks_see_a_tensor_in_the_heap_and_the_peak():
     trace.mark("freed")
     start, held, freed = (trace.marks[k] for k in ("start", "held", "freed"))
     assert set(start) == {"anon", "shmem", "file", "peak"}
-    assert 60 <= held["anon"] - start["anon"] <= 80, trace.marks
+    # the kernel's RSS counters are batched per CPU: a few MiB either way
+    assert 56 <= held["anon"] - start["anon"] <= 90, trace.marks
     # the peak is the process's (earlier tests may have set it higher): at least what is resident, never falling
-    assert held["peak"] >= held["anon"] + held["shmem"] + held["file"] - 0.2 and freed["peak"] >= held["peak"]
-    assert freed["anon"] < held["anon"] - 50  # a tensor this large is its own mapping: given back
+    assert held["peak"] >= held["anon"] + held["shmem"] + held["file"] - 8 and freed["peak"] >= held["peak"]
+    assert freed["anon"] < held["anon"] - 40  # a tensor this large is its own mapping: given back
 
 
 def test_growth_separates_the_object_store_and_files_from_the_heap():
