@@ -5,9 +5,10 @@ optimizer: rank 0's own timed parts, so an owner's waits at the exchange count i
 the norm's gather in its optimizer step; the per-step metrics merge and report are outside them),
 per-worker transfer-net parameters, candidate-token bytes, their state (weights, gradients, AdamW) and peak
 RSS, with ratios to the 1-worker run of the same sources; each worker's memory growth (peak RSS over its RSS
-with the libraries imported, and the same at the end of setup) next to what `hetero-ray check` estimates for
-the most loaded worker of the same spec; per source count, alignment MB/s (in-process and
-on Ray) next to a raw read of the same files, in the same run.
+with the libraries imported, and the same at the end of setup) and its own part (less the object store's
+pages and mapped files), the largest next to what `hetero-ray check` estimates for the most loaded worker of
+the same spec; per source count, alignment MB/s (in-process and on Ray) next to a raw read of the same
+files, in the same run.
 
     python jobs/benchmark_scale.py --sources 4,16,64 --workers 1,2,4 --partition groups,replicate
 
