@@ -150,3 +150,19 @@ def test_candidates_round_trip_through_arrow_exactly(zoo, tmp_path):
         assert (x.group, x.target_module, x.source_id, x.source_layer, x.n_a_blocks) == (
             y.group, y.target_module, y.source_id, y.source_layer, y.n_a_blocks)
         assert torch.equal(x.tokens, y.tokens) and torch.equal(x.sigmas, y.sigmas)
+
+
+def test_candidates_from_arrow_are_views_of_the_tables_buffers(zoo, tmp_path):
+    """No copy on the way in (a worker would hold every token twice while it builds its groups): each
+    candidate's rows and singular values lie inside the Arrow buffers they came from."""
+    spec = make_spec(zoo, tmp_path / "o")
+    _, ttopo = open_target(spec)
+    srcs = [open_source(spec, i) for i in range(3)]
+    plan = alignment_plan(spec, ttopo, [t for _, t in srcs])
+    table = candidates_to_arrow(c for i, (a, t) in enumerate(srcs) for c in candidates_of(spec, plan, i, a, t, 64))
+    back = candidates_from_arrow(table)
+    for column, field in (("rows", "rows"), ("sigmas", "sigmas")):
+        values = table.column(column).chunk(0).values.buffers()[1]
+        for c in back:
+            t = getattr(c, field)
+            assert values.address <= t.data_ptr() and t.data_ptr() + t.nbytes <= values.address + values.size

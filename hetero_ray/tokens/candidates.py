@@ -4,6 +4,7 @@ convertible to and from Arrow so that they can stream through Ray Data."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -164,7 +165,10 @@ def _flat_list_array(chunks: list[np.ndarray]) -> pa.Array:
 
 
 def candidates_from_arrow(table: pa.Table) -> list[Candidate]:
-    """Inverse of :func:`candidates_to_arrow` (bit-exact)."""
+    """Inverse of :func:`candidates_to_arrow` (bit-exact). The tensors are read-only views of the table's
+    buffers, not copies (on Ray, the object store's shared memory): they keep the table alive, nothing may
+    write to them, and assembly copies them once, into the groups' tensors. A copy here would hold every
+    token twice in a worker's heap while the groups are built (the allocator keeps what it frees)."""
     table = table.combine_chunks()
     scalars = {name: table.column(name).to_pylist() for name in _SCALARS}
     n_tokens = table.column("n_tokens").to_numpy()
@@ -174,10 +178,12 @@ def candidates_from_arrow(table: pa.Table) -> list[Candidate]:
     tok_off = table.column("rows").chunk(0).offsets.to_numpy() if table.num_rows else None
     sig_off = table.column("sigmas").chunk(0).offsets.to_numpy() if table.num_rows else None
     out = []
-    for i in range(table.num_rows):
-        n, r = int(n_tokens[i]), int(ranks[i])
-        rows = torch.from_numpy(tok_vals[tok_off[i] : tok_off[i + 1]].copy()).reshape(-1, r)
-        sigmas = torch.from_numpy(sig_vals[sig_off[i] : sig_off[i + 1]].copy()).reshape(n, -1)
-        out.append(Candidate(**{k: v[i] for k, v in scalars.items()}, rows=rows, sigmas=sigmas))
+    with warnings.catch_warnings():  # Arrow's buffers are read-only: so are these views, by contract
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for i in range(table.num_rows):
+            n, r = int(n_tokens[i]), int(ranks[i])
+            rows = torch.from_numpy(tok_vals[tok_off[i] : tok_off[i + 1]]).reshape(-1, r)
+            sigmas = torch.from_numpy(sig_vals[sig_off[i] : sig_off[i + 1]]).reshape(n, -1)
+            out.append(Candidate(**{k: v[i] for k, v in scalars.items()}, rows=rows, sigmas=sigmas))
     return out
 

@@ -170,10 +170,13 @@ def test_workers_owning_groups_split_the_nets_and_match_in_process(zoo, groups_r
         marks = p["memory_mib"]
         assert set(marks) == set(MemoryTrace.MARKS), marks
         peaks = [marks[k]["peak"] for k in MemoryTrace.MARKS]
-        assert peaks == sorted(peaks) and peaks[-1] <= p["peak_rss_mib"] + 0.05, marks  # marks: 0.1 MiB
+        assert peaks == sorted(peaks), marks
         assert all(0 < m["anon"] <= m["peak"] and m["shmem"] >= 0 for m in marks.values()), marks
         grown = memory_growth(marks)
         assert 0 < grown["setup"] <= grown["total"] and 0 < grown["own"] <= grown["total"], grown
+        # the baseline holds every library's code (PEFT and transformers' model classes alone are ~110 MiB,
+        # once imported on first use after it): tiny models and candidates add a few MiB of heap in setup
+        assert marks["setup"]["anon"] - marks["start"]["anon"] < 50, marks
     # each worker read only its own groups' candidates: together, each candidate once
     zero3 = request.getfixturevalue("zero3_run")[1]
     one = zero3.report["zero"]["partitions"]

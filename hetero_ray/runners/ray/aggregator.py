@@ -72,11 +72,20 @@ def rss_parts_mib() -> dict[str, float]:
     return {fields[w[0]]: round(int(w[1]) / 1024, 1) for w in map(str.split, lines) if w and w[0] in fields}
 
 
+def preload_libraries() -> None:
+    """Import what the train loop would otherwise import on first use (transformers' model and config
+    classes, PEFT, the schedule, Ray Data's streaming executor), so that the memory baseline holds every
+    library's code and the growth over it is what the run reads and builds."""
+    import peft  # noqa: F401
+    import ray.data._internal.execution.streaming_executor  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup  # noqa: F401
+
+
 class MemoryTrace:
     """A worker's resident memory at the marks of its run (``rss_parts_mib`` and the peak RSS so far), the
-    first taken with the libraries imported and nothing read or built: the baseline of the growth that
-    `hetero-ray check` estimates (jobs/benchmark_scale.py compares the two). ``MARKS``: their order in a
-    run (the report's JSON sorts them by name)."""
+    first taken with every library imported (``preload_libraries``) and nothing read or built: the baseline
+    of the growth that `hetero-ray check` estimates (jobs/benchmark_scale.py compares the two). ``MARKS``:
+    their order in a run (the report's JSON sorts them by name)."""
 
     MARKS = ("start", "candidates_read", "groups_assembled", "target_loaded", "setup", "first_step", "end")
 
@@ -195,6 +204,7 @@ def train_loop(config: dict) -> None:
     from hetero_ray.train.target import load_target
     from hetero_ray.train.trainer import FusionObjective, clip_over_owners, cosine_schedule, time_step
 
+    preload_libraries()
     memory = MemoryTrace()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -281,7 +291,7 @@ def train_loop(config: dict) -> None:
                                     for p in engine.module.parameters()),
                  "groups": sorted(groups), "candidate_rows": candidate_rows,
                  "group_bytes": sum(t.nbytes for g in groups.values() for t in vars(g).values() if torch.is_tensor(t)),
-                 "memory_mib": memory.marks, "peak_rss_mib": peak_rss_mib()}
+                 "memory_mib": memory.marks}
         (Path(d) / f"partition_rank{rank}.json").write_text(json.dumps(state))
         if rank == 0:
             save_file({k: v.contiguous() for k, v in deltas.items()}, str(Path(d) / FINAL_DELTAS))
