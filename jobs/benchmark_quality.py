@@ -330,13 +330,14 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
             log(f"{method}: lr {chosen[method]:g} chosen")
     timings["sweep_s"] = time.perf_counter() - t0
 
-    # 2. every seed at the chosen lr
+    # 2. every seed at the chosen lr, seed by seed: a job stopped part way has whole seeds of every method
+    # (rerun with --seeds <those> --resume for their statistics)
     t0 = time.perf_counter()
     adapters: dict[str, dict[int, Path]] = {}
     if "target_only" in methods:  # the target's own expert, unchanged
         adapters["target_only"] = {seeds[0]: target_expert}
     if trained:
-        paths = train([(m, seed, chosen[m]) for m in trained for seed in seeds], "test")
+        paths = train([(m, seed, chosen[m]) for seed in seeds for m in trained], "test")
         for m in trained:
             adapters[m] = {seed: paths[tag(m, seed, chosen[m])] for seed in seeds}
     timings["fusion_s"] = time.perf_counter() - t0

@@ -76,6 +76,9 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     assert result["update_ratio"]["target_only"][0] < 1e-6
     assert all(r > 0 for m, rs in result["update_ratio"].items() if m != "target_only" for r in rs)
     assert result["teacher_f1"]["zero_sources"] is not None and "teacher F1" in (out / "results.md").read_text()
+    # the seeds' runs go seed by seed (every method of a seed before the next seed): a stopped job has whole seeds
+    seeds = [int(r["name"].rsplit("-", 1)[1]) for r in json.loads((out / "sweep.json").read_text())["rows"]]
+    assert len(seeds) == 2 * (len(METHODS) - 1) and seeds == sorted(seeds), seeds
     # --resume reuses every finished adapter, untouched: 4 methods x (2 lrs at seed 0 + seed 1 at the chosen lr)
     weights = next((out / "adapters").glob("heterofusion*-1")) / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
