@@ -7,7 +7,8 @@ per-worker transfer-net parameters, candidate-token bytes, their state (weights,
 RSS, with ratios to the 1-worker run of the same sources; each worker's memory growth (peak RSS over its RSS
 with the libraries imported, and the same at the end of setup) and its own part (less the object store's
 pages and mapped files), the largest next to what `hetero-ray check` estimates for the most loaded worker of
-the same spec; per source count, alignment MB/s (in-process and on Ray) next to a raw read of the same
+the same spec, over the whole run and up to the end of the first step (later steps add what the allocator
+keeps); per source count, alignment MB/s (in-process and on Ray) next to a raw read of the same
 files, in the same run.
 
     python jobs/benchmark_scale.py --sources 4,16,64 --workers 1,2,4 --partition groups,replicate
@@ -90,8 +91,12 @@ def run_one(spec, workers: int, partition: str, zero_stage: int, storage: Path, 
     state = [16 * p["partition_numel"] + p["group_bytes"] for p in parts]  # fp32 weights, grads, 2 AdamW states
     # each worker's memory growth over its RSS with the libraries imported, and the part that is its own heap
     # (less the object store's pages it touched, held by Ray's store once per node, and mapped files)
-    grown = [memory_growth(p["memory_mib"]) for p in parts if "anon" in p.get("memory_mib", {}).get("start", {})]
+    traced = [p["memory_mib"] for p in parts if "anon" in p.get("memory_mib", {}).get("start", {})]  # /proc read
+    grown = [memory_growth(m) for m in traced]
     growth, setup, own = ([MIB * g[k] for g in grown] for k in ("total", "setup", "own"))
+    # the same up to the first step: later steps add what the allocator keeps (glibc serves freed activations'
+    # sizes from its heap once its mmap threshold has risen), which no estimate of live tensors counts
+    first = [MIB * g["own"] for m in traced if (g := memory_growth(m, "first_step"))]
     shutil.rmtree(spec.output, ignore_errors=True)
     return {
         "sources": len(spec.sources), "workers": workers, "partition": zero["partition"], "zero_stage": zero["stage"],
@@ -107,6 +112,8 @@ def run_one(spec, workers: int, partition: str, zero_stage: int, storage: Path, 
         "max_worker_own_growth_MB": round(max(own) / 1e6, 1) if own else None,
         "check_MB": round(estimate["total"] * GIB / 1e6, 1),
         "check_over_own_growth": round(estimate["total"] * GIB / max(own), 3) if own else None,
+        "max_worker_own_growth_first_step_MB": round(max(first) / 1e6, 1) if first else None,
+        "check_over_own_growth_first_step": round(estimate["total"] * GIB / max(first), 3) if first else None,
         "memory_marks_MiB": [p.get("memory_mib") for p in parts],
         "check_parts_MB": {k: round(v * GIB / 1e6, 1) for k, v in estimate.items()
                            if k != "total" and isinstance(v, float)},
@@ -175,8 +182,8 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     print("\n| sources | workers | partition | step s | vs 1 | target | nets fwd | RDM | nets bwd | optim | "
           "net state MB/worker | vs 1 | tokens MB/worker | peak RSS MB | RSS growth MB (setup) | own growth MB | "
-          "check MB | check / own |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "check MB | check / own | own growth MB, first step | check / own, first step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["step_parts_s"]
         print(f"| {r['sources']} | {r['workers']} | {r['partition']} | {r['step_s']:.3f} | {r['step_vs_1_worker']} | "
@@ -184,7 +191,8 @@ def main() -> None:
               f"{p['optimizer']:.3f} | {r['max_worker_net_state_MB']} | {r['state_vs_1_worker']} | "
               f"{r['max_worker_token_MB']} | {r['max_worker_peak_rss_MB']} | {r['max_worker_rss_growth_MB']} "
               f"({r['max_worker_setup_growth_MB']}) | {r['max_worker_own_growth_MB']} | {r['check_MB']} | "
-              f"{r['check_over_own_growth']} |")
+              f"{r['check_over_own_growth']} | {r['max_worker_own_growth_first_step_MB']} | "
+              f"{r['check_over_own_growth_first_step']} |")
     print("\n| sources | adapters MB | raw read MB/s | alignment MB/s (share of raw) | on Ray MB/s (share) |")
     print("|---|---|---|---|---|")
     for n, r in rates.items():

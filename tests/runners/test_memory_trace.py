@@ -32,5 +32,9 @@ def test_growth_separates_the_object_store_and_files_from_the_heap():
              "end": {"anon": 180.0, "shmem": 45.0, "file": 30.0, "peak": 400.0}}
     g = memory_growth(marks)
     assert g == {"total": 275.0, "setup": 150.0, "shared": 40.0, "file": 10.0, "own": 225.0}
+    # up to a mark: the later marks' peaks and pages do not count
+    assert memory_growth(marks, until="setup") == {"total": 150.0, "setup": 150.0, "shared": 40.0, "file": 10.0,
+                                                   "own": 100.0}
+    assert memory_growth(marks, until="first_step") is None
     del marks["setup"]
     assert memory_growth(marks)["setup"] is None

@@ -97,11 +97,17 @@ class MemoryTrace:
         self.marks[name] = {**rss_parts_mib(), "peak": round(peak_rss_mib(), 1)}
 
 
-def memory_growth(marks: dict[str, dict[str, float]]) -> dict[str, float]:
+def memory_growth(marks: dict[str, dict[str, float]], until: str | None = None) -> dict[str, float] | None:
     """What a worker's run added to its memory (MiB), from its ``MemoryTrace`` marks: ``total``, the peak RSS
     over the baseline; ``setup``, the same at the end of setup; ``shared`` and ``file``, the largest growth
     of the object store's pages and of mapped files; ``own`` = total - shared - file, its own heap at the
-    peak (what `hetero-ray check` estimates)."""
+    peak (what `hetero-ray check` estimates). ``until``: only the marks up to that one (``MARKS`` order), e.g.
+    ``first_step`` (later steps add what the allocator keeps); None where the run has no such mark."""
+    if until is not None:
+        if until not in marks:
+            return None
+        names = [k for k in MemoryTrace.MARKS if k in marks]
+        marks = {k: marks[k] for k in names[: names.index(until) + 1]}
     start = marks["start"]
     base = start["anon"] + start["shmem"] + start["file"]
     shared, file = (max(m[k] for m in marks.values()) - start[k] for k in ("shmem", "file"))
