@@ -60,6 +60,9 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     assert v["vs_controls"]["zero_sources"]["lo"] <= v["vs_controls"]["zero_sources"]["diff"] <= \
         v["vs_controls"]["zero_sources"]["hi"]
     assert "Verdict:" in log and "Transfer nets vs distill_only" in (out / "results.md").read_text()
+    own = v["vs_target_only"]  # and against the target's own expert, on both tasks
+    assert set(own) == {"mit-movie", "mit-restaurant"} and all(x["lo"] <= x["diff"] <= x["hi"] for x in own.values())
+    assert "vs target_only: mit-movie" in (out / "results.md").read_text()
     assert set(result["reference"]) == {"mit-restaurant"}
     # target_only is the target's own expert, unchanged (not the bare base)
     assert Path(result["adapters"]["target_only"]["0"]).name.startswith("smollm2-mit-movie-")
