@@ -138,12 +138,16 @@ def test_spec_errors_name_the_field(zoo, tmp_path):
         load_spec(spec_file)
 
 
-def test_candidates_round_trip_through_arrow_exactly(zoo, tmp_path):
+def _candidates(zoo, tmp_path) -> list:
     spec = make_spec(zoo, tmp_path / "o")
     _, ttopo = open_target(spec)
     srcs = [open_source(spec, i) for i in range(3)]
     plan = alignment_plan(spec, ttopo, [t for _, t in srcs])
-    cands = [c for i, (a, t) in enumerate(srcs) for c in candidates_of(spec, plan, i, a, t, 64)]
+    return [c for i, (a, t) in enumerate(srcs) for c in candidates_of(spec, plan, i, a, t, 64)]
+
+
+def test_candidates_round_trip_through_arrow_exactly(zoo, tmp_path):
+    cands = _candidates(zoo, tmp_path)
     back = candidates_from_arrow(candidates_to_arrow(cands))
     assert len(back) == len(cands) > 0
     for x, y in zip(cands, back, strict=True):
@@ -155,14 +159,10 @@ def test_candidates_round_trip_through_arrow_exactly(zoo, tmp_path):
 def test_candidates_from_arrow_are_views_of_the_tables_buffers(zoo, tmp_path):
     """No copy on the way in (a worker would hold every token twice while it builds its groups): each
     candidate's rows and singular values lie inside the Arrow buffers they came from."""
-    spec = make_spec(zoo, tmp_path / "o")
-    _, ttopo = open_target(spec)
-    srcs = [open_source(spec, i) for i in range(3)]
-    plan = alignment_plan(spec, ttopo, [t for _, t in srcs])
-    table = candidates_to_arrow(c for i, (a, t) in enumerate(srcs) for c in candidates_of(spec, plan, i, a, t, 64))
+    table = candidates_to_arrow(_candidates(zoo, tmp_path))
     back = candidates_from_arrow(table)
-    for column, field in (("rows", "rows"), ("sigmas", "sigmas")):
-        values = table.column(column).chunk(0).values.buffers()[1]
+    for field in ("rows", "sigmas"):
+        values = table.column(field).chunk(0).values.buffers()[1]
         for c in back:
             t = getattr(c, field)
             assert values.address <= t.data_ptr() and t.data_ptr() + t.nbytes <= values.address + values.size
