@@ -116,19 +116,27 @@ def lora_factors(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def update_ratio(adapter: Path, target: Path) -> float:
-    """||W_adapter - W_target||_F / ||W_target||_F over every module, W = scale * B A (whatever the ranks), by
-    r x r Gram matrices: ||X Y||^2 = tr(X^T X Y Y^T)."""
+def update_parts(adapter: Path, target: Path) -> dict[str, float]:
+    """The update's size against the target's, ||.||_F / ||W_target||_F over every module (W = scale * B A):
+    ``total``, W_adapter - W_target; ``target_ranks``, the adapter's first r_t ranks (the target's slots, where
+    a fused adapter keeps A_t and puts B_t + dB) less the target's; ``added``, its ranks beyond r_t (the added
+    rank, `method.extra_rank`). By r x r Gram matrices: ||X Y||^2 = tr(X^T X Y Y^T)."""
     fused, base = lora_factors(adapter), lora_factors(target)
     if set(fused) != set(base):
         raise SystemExit(f"{adapter}: modules differ from the target adapter {target}")
-    num = den = 0.0
+
+    def sq(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.trace((x.T @ x) @ (y @ y.T)))
+
+    sums = dict.fromkeys(("total", "target_ranks", "added", "den"), 0.0)
     for m, (bt, at) in base.items():
         bf, af = fused[m]
-        x, y = torch.cat([bf, -bt], 1), torch.cat([af, at], 0)
-        num += float(torch.trace((x.T @ x) @ (y @ y.T)))
-        den += float(torch.trace((bt.T @ bt) @ (at @ at.T)))
-    return (max(num, 0.0) / den) ** 0.5
+        r = min(at.shape[0], af.shape[0])
+        sums["total"] += sq(torch.cat([bf, -bt], 1), torch.cat([af, at], 0))
+        sums["target_ranks"] += sq(torch.cat([bf[:, :r], -bt], 1), torch.cat([af[:r], at], 0))
+        sums["added"] += sq(bf[:, r:], af[r:])
+        sums["den"] += sq(bt, at)
+    return {k: (max(v, 0.0) / sums["den"]) ** 0.5 for k, v in sums.items() if k != "den"}
 
 
 def choose_lr(val: dict[float, dict[str, float]], target_val: float, se: float, tt: str, st: str) -> float:
@@ -345,7 +353,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     # 3. evaluation on the held-out test splits; per-record counts kept for the paired bootstrap
     t0 = time.perf_counter()
     counts: dict[str, dict[str, list[list[tuple]]]] = {}
-    ratios: dict[str, list[float]] = {}
+    ratios: dict[str, list[dict[str, float]]] = {}
     teacher_f1: dict[str, float | None] = {}
     gold = [str(r["output"]) for r in teach_records]
     for method, per_seed in adapters.items():
@@ -354,7 +362,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
             c = evaluate(name, target_base, path, [tt, st], reuse=method != "target_only")
             for t in (tt, st):
                 counts.setdefault(method, {}).setdefault(t, []).append([tuple(x) for x in c[t]])
-            ratios.setdefault(method, []).append(update_ratio(path, target_expert))
+            ratios.setdefault(method, []).append(update_parts(path, target_expert))
             log(f"eval {method} seed {seed}: " + ", ".join(f"{t} {micro_f1(c[t]):.3f}" for t in (tt, st)))
             # how good the run's teacher was on the prompts it answered (their labels are known here only)
             for sid, summary in ((reports.get(name) or {}).get("teacher") or {}).items():
@@ -398,13 +406,17 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
              f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; {lr_note}; "
              f"objective {objective}, added rank {size['extra_rank']}, heterofusion net {args.net}; "
              f"wrong_task_expert: the Gemma-3 {wt} expert. ‖ΔW‖/‖W_t‖: the update's size against the target "
-             f"expert's (all modules, W = scale·B·A). Teacher F1: the run's teacher's answers on the {st} prompts "
-             "against their (unused) labels.", "",
-             f"| method | seeds | lr | ‖ΔW‖/‖W_t‖ | teacher F1 | {tt} | {st} |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"expert's (all modules, W = scale·B·A), and its two parts: in the target's ranks (dB, from the "
+             f"transfer nets or trained directly) and in the added rank. Teacher F1: the run's teacher's answers on "
+             f"the {st} prompts against their (unused) labels.", "",
+             f"| method | seeds | lr | ‖ΔW‖/‖W_t‖ | in target ranks | in added rank | teacher F1 | {tt} | {st} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, per in scores.items():
         lr_cell = f"{chosen[m]:g}" if m in chosen else "–"
         tf = f"{teacher_f1[m]:.3f}" if teacher_f1.get(m) is not None else "–"
-        lines.append(f"| {m} | {len(per[tt])} | {lr_cell} | {statistics.fmean(ratios[m]):.3f} | {tf} | "
+        size_cells = " | ".join(f"{statistics.fmean(x[k] for x in ratios[m]):.3f}"
+                                for k in ("total", "target_ranks", "added"))
+        lines.append(f"| {m} | {len(per[tt])} | {lr_cell} | {size_cells} | {tf} | "
                      f"{cell(per[tt])} | {cell(per[st])} |")
     lines += ["", f"Reference: the Gemma-3 {st} expert on its own base: {ref_f1:.3f}. Target task 1 SE "
               f"(bootstrap, target_only): {se_tt:.3f}." if se_tt is not None else "", ""]
@@ -434,7 +446,10 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
                 "source": str(source_base), "parallel": args.parallel, "threads": threads,
                 "device": args.device}
     (out / "results.json").write_text(json.dumps({"settings": settings, "timings_s": timings, "scores": scores,
-                                                  "lr": chosen, "sweep": sweep, "update_ratio": ratios,
+                                                  "lr": chosen, "sweep": sweep,
+                                                  "update_ratio": {m: [x["total"] for x in v]
+                                                                   for m, v in ratios.items()},
+                                                  "update_parts": ratios,
                                                   "teacher_f1": teacher_f1, "reference": {st: ref_f1},
                                                   "target_se": se_tt,
                                                   "adapters": {m: {str(k): str(v) for k, v in per.items()}

@@ -78,6 +78,9 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     # update sizes: zero for the target's own expert, positive for every trained run
     assert result["update_ratio"]["target_only"][0] < 1e-6
     assert all(r > 0 for m, rs in result["update_ratio"].items() if m != "target_only" for r in rs)
+    # and its parts: with every source zeroed the grounded net's dB is exactly zero, so only the added rank moves
+    assert all(x["target_ranks"] < 1e-6 < x["added"] for x in result["update_parts"]["zero_sources"])
+    assert "in added rank" in (out / "results.md").read_text()
     assert result["teacher_f1"]["zero_sources"] is not None and "teacher F1" in (out / "results.md").read_text()
     # the seeds' runs go seed by seed (every method of a seed before the next seed): a stopped job has whole seeds
     seeds = [int(r["name"].rsplit("-", 1)[1]) for r in json.loads((out / "sweep.json").read_text())["rows"]]
@@ -121,11 +124,11 @@ def _adapter(path, tensors, r, alpha):
     return path
 
 
-def test_update_ratio_is_the_dense_frobenius_ratio_whatever_the_ranks(tmp_path):
+def test_update_parts_are_the_dense_frobenius_ratios_whatever_the_ranks(tmp_path):
     import torch
 
     sys.path.insert(0, str(ROOT / "jobs"))
-    from benchmark_quality import update_ratio
+    from benchmark_quality import update_parts
 
     g = torch.Generator().manual_seed(0)
     key = "base_model.model.layers.0.q_proj.lora_{}.weight"
@@ -134,9 +137,12 @@ def test_update_ratio_is_the_dense_frobenius_ratio_whatever_the_ranks(tmp_path):
     target = _adapter(tmp_path / "t", {key.format("A"): at, key.format("B"): bt}, 4, 8)
     fused = _adapter(tmp_path / "f", {key.format("A"): af, key.format("B"): bf}, 6, 3)
     wt, wf = 2.0 * bt @ at, 0.5 * bf @ af
-    expected = float((wf - wt).norm() / wt.norm())
-    assert update_ratio(fused, target) == pytest.approx(expected, rel=1e-6)
-    assert update_ratio(target, target) < 1e-6
+    parts = update_parts(fused, target)
+    assert parts["total"] == pytest.approx(float((wf - wt).norm() / wt.norm()), rel=1e-6)
+    # the fused adapter's first 4 ranks against the target's, and its 2 ranks beyond
+    assert parts["target_ranks"] == pytest.approx(float((0.5 * bf[:, :4] @ af[:4] - wt).norm() / wt.norm()), rel=1e-6)
+    assert parts["added"] == pytest.approx(float((0.5 * bf[:, 4:] @ af[4:]).norm() / wt.norm()), rel=1e-6)
+    assert all(v < 1e-6 for v in update_parts(target, target).values())
 
 
 def test_lr_choice_keeps_the_target_task_then_takes_the_best_source_score():
