@@ -21,11 +21,12 @@ class Control(str, Enum):
     SHUFFLED_LAYERS = "shuffled_layers"  # each source's layers permuted (same tensors, wrong places)
     REPLAY_ONLY = "replay_only"  # no transfer networks, no teacher: the target's LoRA fine-tuned on the replay
     DISTILL_ONLY = "distill_only"  # no transfer networks: the target's LoRA trained on the same objective
+    ADDED_RANK_ONLY = "added_rank_only"  # no transfer networks, the target's B kept: only the added rank trained
 
     @property
     def reads_sources(self) -> bool:
         """Whether the run has source candidates (transfer networks) at all."""
-        return self not in (Control.REPLAY_ONLY, Control.DISTILL_ONLY)
+        return self not in (Control.REPLAY_ONLY, Control.DISTILL_ONLY, Control.ADDED_RANK_ONLY)
 
     @property
     def teacher(self) -> Control:

@@ -224,6 +224,12 @@ class FusionSpec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _added_rank(self) -> FusionSpec:
+        if self.strategy == "added_rank_only" and not self.method.extra_rank:
+            raise ValueError("strategy added_rank_only trains only the added rank: set method.extra_rank > 0")
+        return self
+
+    @model_validator(mode="after")
     def _teacher_terms(self) -> FusionSpec:
         from hetero_ray.train.objectives import OBJECTIVES
 

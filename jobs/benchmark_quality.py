@@ -9,12 +9,14 @@ source task's training inputs (outputs stripped) are the `teach:` prompts the so
 
 Every trained method uses one spec (same objective, steps, added rank) and differs only in its strategy: the
 fused strategy (heterofusion with the grounded net), `distill_only` (the target's LoRA trained on the same
-objective without transfer networks), and the retrained controls, whose source adapter is replaced everywhere,
-the teacher included (zero / random / spectrum-matched / layer-shuffled sources, and a wrong-task expert of
-the source family). Each trained method gets its own lr: a sweep over --lr-grid at the first seed, scored on a
-validation split carved from the training pools (never the test split, never in the replay or the prompts);
-the chosen lr is the one with the best source-task validation F1 among those that keep the target task within
-1 SE of target_only on validation. Then it runs once per seed at that lr.
+objective without transfer networks), `added_rank_only` (only the added rank trained, the target's B kept: the
+part of heterofusion that is not its transfer networks; run it with --methods), and the retrained controls,
+whose source adapter is replaced everywhere, the teacher included (zero / random / spectrum-matched /
+layer-shuffled sources, and a wrong-task expert of the source family). Each trained method gets its own lr: a sweep
+over --lr-grid at the first seed, scored on a validation split carved from the training pools (never the test
+split, never in the replay or the prompts); the chosen lr is the one with the best source-task validation F1
+among those that keep the target task within 1 SE of target_only on validation. Then it runs once per seed at
+that lr.
 
 Statistics, computed here: F1 on >= 100 held-out test records per task (never seen in training); for each
 method and each control a paired bootstrap 95% CI over test records of (method - control), seeds averaged;
@@ -71,6 +73,8 @@ CONTROLS = ["zero_sources", "random_sources", "spectrum_sources", "shuffled_laye
 # benchmark methods that are a registered strategy run with another source: the source family's expert on
 # --wrong-task teaches (and gives the tokens) instead of the --source-task expert
 VARIANTS = {"wrong_task_expert": "heterofusion"}
+# what heterofusion's transfer nets are compared with on the source task (the "Transfer nets vs" lines)
+NETS_BASELINES = ["distill_only", "added_rank_only"]
 DEFAULT_METHODS = ["target_only", *FUSED, *CONTROLS]
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -393,8 +397,9 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         verdicts[m] = {"vs_controls": vs, "vs_target_only": own, "gap_recovered": gap, "keeps_target_task": keeps,
                        "beats_every_control": beats,
                        "pass": bool(beats and gap is not None and gap >= 0.6 and keeps)}
-    nets_vs_distill = (paired_bootstrap(counts["heterofusion"][st], counts["distill_only"][st])
-                       if {"heterofusion", "distill_only"} <= set(counts) else None)
+    # what the transfer nets add: against the target's LoRA trained directly, and against the added rank alone
+    nets_vs = {b: paired_bootstrap(counts["heterofusion"][st], counts[b][st])
+               for b in NETS_BASELINES if {"heterofusion", b} <= set(counts)}
 
     def cell(values: list[float]) -> str:
         return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
@@ -433,11 +438,9 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         gap = "n/a" if v["gap_recovered"] is None else f"{100 * v['gap_recovered']:.0f}%"
         lines.append(f"  gap recovered {gap}; {tt} kept within 1 SE: {v['keeps_target_task']}; beats every control "
                      f"(95% CI > 0): {v['beats_every_control']}. Verdict: {'PASS' if v['pass'] else 'FAIL'}.")
-    if nets_vs_distill:
-        x = nets_vs_distill
-        lines.append(f"Transfer nets vs distill_only on {st}: {x['diff']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}] "
-                     f"({'nets better' if x['lo'] > 0 else 'distill_only better' if x['hi'] < 0 else 'no difference'}"
-                     ").")
+    for b, x in nets_vs.items():
+        lines.append(f"Transfer nets vs {b} on {st}: {x['diff']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}] "
+                     f"({'nets better' if x['lo'] > 0 else f'{b} better' if x['hi'] < 0 else 'no difference'}).")
     lines += ["", "Stage times: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items())]
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
@@ -454,7 +457,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
                                                   "target_se": se_tt,
                                                   "adapters": {m: {str(k): str(v) for k, v in per.items()}
                                                                for m, per in adapters.items()},
-                                                  "verdicts": verdicts, "nets_vs_distill_only": nets_vs_distill},
+                                                  "verdicts": verdicts, "nets_vs": nets_vs},
                                                  indent=1, default=str))
     print(md)
 

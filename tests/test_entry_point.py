@@ -31,9 +31,11 @@ def test_python_and_cli_run_the_same_strategy_and_write_the_same_adapter(name, z
     strategy = STRATEGIES[name]
     ws.spec["sources"] = [{"adapter": str(llama_expert)}] if strategy.same_family else ws.spec["sources"][:1]
     ws.spec.update(strategy=name, output="py")
-    if name == "distill_only":  # it learns from the source experts' answers
+    if name in ("distill_only", "added_rank_only"):  # they learn from the source experts' answers
         ws.spec.update(teach={"prompts": [{"path": "replay.jsonl", "take": 2}], "max_new_tokens": 4},
                        objective={"paper": 1.0, "distill": 1.0})
+    if name == "added_rank_only":
+        ws.spec["method"] = {**ws.spec.get("method", {}), "extra_rank": 2}
     spec = ws.write_spec()
     result = hetero_ray.run(spec, use_ray=False)
     assert main(["fuse", spec, "--no-ray", "--output", str(tmp_path / "cli")]) == 0, capsys.readouterr().err

@@ -186,22 +186,32 @@ class FusionNet(nn.Module):
 
 
 class DirectDelta(nn.Module):
-    """The ``replay_only`` control: the target's B updates themselves are the parameters (zero-init),
-    trained on the same replay with the same steps; alpha is fixed at 1 and no source is read.
+    """The direct strategies (``replay_only``, ``distill_only``): the target's B updates themselves are the
+    parameters (zero-init), trained with the same steps; alpha is fixed at 1 and no source is read. With
+    ``train_b`` False (``added_rank_only``) there are none: dB stays zero and only the added rank is trained.
 
     The parameters sit on this module itself (not in a ParameterDict child, whose forward never runs), so
     that DeepSpeed ZeRO-3 gathers them when this module's forward is called, and forward returns copies:
     ZeRO-3 releases a gathered parameter's storage when the forward ends."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, int, int]], extra: Mapping[str, tuple[int, int]] | None = None,
-                 extra_rank: int = 0, seed: int = 0):
+                 extra_rank: int = 0, seed: int = 0, train_b: bool = True):
         super().__init__()
-        for name, shape in shapes.items():
-            self.register_parameter(f"db_{name}", nn.Parameter(torch.zeros(shape)))
+        self.shapes = dict(shapes)
+        self.train_b = train_b
+        if train_b:
+            for name, shape in shapes.items():
+                self.register_parameter(f"db_{name}", nn.Parameter(torch.zeros(shape)))
         self.extra = ExtraRank(extra, extra_rank, seed) if extra and extra_rank else None
 
     def forward(self, groups: Mapping[str, GroupInputs]) -> dict[str, dict[str, torch.Tensor]]:
-        out = {name: {"db": getattr(self, f"db_{name}").clone(), "alpha": torch.ones(1)} for name in groups}
+        def db(name: str) -> torch.Tensor:
+            if self.train_b:
+                return getattr(self, f"db_{name}").clone()
+            like = next(self.parameters())
+            return torch.zeros(self.shapes[name], dtype=like.dtype, device=like.device)
+
+        out = {name: {"db": db(name), "alpha": torch.ones(1)} for name in groups}
         if self.extra is not None:
             out[EXTRA] = self.extra()
         return out

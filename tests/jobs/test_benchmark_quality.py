@@ -12,7 +12,7 @@ import yaml
 from hetero_ray.contrib import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["target_only", "heterofusion", "distill_only", "zero_sources", "wrong_task_expert"]
+METHODS = ["target_only", "heterofusion", "distill_only", "added_rank_only", "zero_sources", "wrong_task_expert"]
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +80,27 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     assert all(r > 0 for m, rs in result["update_ratio"].items() if m != "target_only" for r in rs)
     # and its parts: with every source zeroed the grounded net's dB is exactly zero, so only the added rank moves
     assert all(x["target_ranks"] < 1e-6 < x["added"] for x in result["update_parts"]["zero_sources"])
+    assert all(x["target_ranks"] < 1e-6 < x["added"] for x in result["update_parts"]["added_rank_only"])
+    assert set(result["nets_vs"]) == {"distill_only", "added_rank_only"}
+    assert "Transfer nets vs added_rank_only" in (out / "results.md").read_text()
     assert "in added rank" in (out / "results.md").read_text()
     assert result["teacher_f1"]["zero_sources"] is not None and "teacher F1" in (out / "results.md").read_text()
     # the seeds' runs go seed by seed (every method of a seed before the next seed): a stopped job has whole seeds
     seeds = [int(r["name"].rsplit("-", 1)[1]) for r in json.loads((out / "sweep.json").read_text())["rows"]]
     assert len(seeds) == 2 * (len(METHODS) - 1) and seeds == sorted(seeds), seeds
-    # --resume reuses every finished adapter, untouched: 4 methods x (2 lrs at seed 0 + seed 1 at the chosen lr)
+    # --resume reuses every finished adapter, untouched: each trained method's 2 lrs at seed 0 + seed 1 at the
+    # chosen lr
     weights = next((out / "adapters").glob("heterofusion*-1")) / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
     log = _run(bench_inputs, out, "--resume")
-    assert log.count("reused") == 12 and weights.stat().st_mtime_ns == before
+    assert log.count("reused") == 3 * (len(METHODS) - 1) and weights.stat().st_mtime_ns == before
     # another objective makes every spec different: nothing is reused
     # ... and trained two at a time as a sweep on Ray, each run evaluated in its own task
     log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--lr", "1e-3", "--parallel", "2", "--threads", "1",
                "--objective", '{"paper": 1.0, "distill": 0.5}')
     assert "reused" not in log
     table = json.loads((out / "sweep.json").read_text())["rows"]
-    assert [r["status"] for r in table] == ["trained"] * 4
+    assert [r["status"] for r in table] == ["trained"] * (len(METHODS) - 1)
     assert len({r["pid"] for r in table}) > 1 and os.getpid() not in {r["pid"] for r in table}
     assert all(set(r["metrics"]) == {"test mit-movie", "test mit-restaurant"} for r in table)
     assert weights.stat().st_mtime_ns == before  # seed 1 was not asked for

@@ -110,7 +110,8 @@ def test_control_factors_are_what_the_teacher_and_the_tokens_get(zoo):
     assert torch.equal(na, a.float()) and torch.equal(nb, b.float())
 
 
-@pytest.mark.parametrize("strategy,net", [("heterofusion", "grounded"), ("distill_only", "paper")])
+@pytest.mark.parametrize("strategy,net", [("heterofusion", "grounded"), ("distill_only", "paper"),
+                                          ("added_rank_only", "paper")])
 def test_added_rank_adapter_loads_with_peft_and_matches_the_trained_model(zoo, tmp_path, strategy, net):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -130,6 +131,8 @@ def test_added_rank_adapter_loads_with_peft_and_matches_the_trained_model(zoo, t
     extra = {k.split(":", 1)[1]: (result.deltas[k], result.deltas["extra_B:" + k.split(":", 1)[1]])
              for k in result.deltas if k.startswith("extra_A:")}
     assert set(extra) == set(target.modules)
+    # added_rank_only keeps the target's B: every update is in the added rank
+    assert any(d.any() for d in deltas.values()) == (strategy != "added_rank_only")
     patched = load_target(spec.target.base, target)
     patch = LoraDeltaPatch(patched, sorted(target.modules))
     patch.set(deltas, extra)
@@ -164,6 +167,8 @@ def test_objective_errors_name_the_problem(zoo, tmp_path):
 
     with pytest.raises(SpecError, match="distill or excess term"):
         run(spec, use_ray=False)
+    with pytest.raises(SpecError, match="added_rank_only trains only the added rank: set method.extra_rank"):
+        make_spec(zoo, tmp_path / "o", strategy="added_rank_only")
 
 
 def test_a_source_without_a_readable_base_is_a_clear_error(zoo, tmp_path):
