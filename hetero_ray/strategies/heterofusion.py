@@ -45,6 +45,6 @@ for _name, _control, _desc in [
     ("distill_only", Control.DISTILL_ONLY, "baseline: the target's LoRA trained on the same objective (teacher "
      "included), no transfer networks"),
     ("added_rank_only", Control.ADDED_RANK_ONLY, "baseline: only the added rank (method.extra_rank) trained on the "
-     "same objective, the target's B kept: what heterofusion's transfer networks add to it"),
+     "same objective, the target's B kept (heterofusion without its transfer networks)"),
 ]:
     register(HeteroFusion(_name, _control, _desc))
