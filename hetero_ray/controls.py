@@ -34,6 +34,12 @@ class Control(str, Enum):
         return self if self.reads_sources else Control.NONE
 
     @property
+    def trains_target_b(self) -> bool:
+        """Whether the target's B is trained (by the transfer networks' dB, or directly); ``added_rank_only``
+        trains only the added rank."""
+        return self is not Control.ADDED_RANK_ONLY
+
+    @property
     def uses_teacher(self) -> bool:
         """Whether the run's objective keeps the terms that learn from the source experts' answers."""
         return self is not Control.REPLAY_ONLY

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from hetero_ray.align import AlignmentPlan, plan_alignment
-from hetero_ray.controls import Control
 from hetero_ray.denoise.fusion import DirectDelta, FusionNet, GroupInputs, assemble_groups
 from hetero_ray.denoise.transfer_net import PAPER, TransferNetConfig, auto_sizes
 from hetero_ray.errors import SpecError
@@ -128,7 +127,7 @@ def build_net(spec: FusionSpec, plan: AlignmentPlan, block_size: int, groups: di
     extra = {p: (m.d_in, m.d_out) for p, m in target.modules.items() if p in keep} if k else None
     if not spec.control.reads_sources:
         return DirectDelta({n: (len(g.modules), g.d_out, g.rank) for n, g in groups.items()}, extra, k, spec.seed,
-                           train_b=spec.control is not Control.ADDED_RANK_ONLY)
+                           train_b=spec.control.trains_target_b)
     cfgs = {n: c for n, c in net_configs(spec, plan, block_size).items() if n in groups}
     return FusionNet(cfgs, spec.method.alpha_init, spec.method.net, len(spec.sources), extra, k, spec.seed)
 
@@ -187,7 +186,7 @@ def require_trained(spec: FusionSpec) -> None:
     if spec.control is None:
         raise SpecError(f"strategy {spec.strategy!r} is a closed-form merge, not a trained run: run it with "
                         "hetero_ray.run / hetero-ray fuse")
-    if spec.control in (Control.DISTILL_ONLY, Control.ADDED_RANK_ONLY) and not any(
+    if not spec.control.reads_sources and spec.control.uses_teacher and not any(
             w > 0 and n in ("distill", "excess") for n, w in spec.objective.items()):
         raise SpecError(f"strategy {spec.strategy} trains on the source experts' answers: give the objective a "
                         "distill or excess term (and a teach: section)")
