@@ -76,6 +76,18 @@ class TeachSpec(_Strict):
                                            "many, and which sources answer them")
     max_new_tokens: int = Field(64, gt=0, description="longest teacher answer, in source tokens")
     batch_size: int = Field(8, gt=0, description="prompts per generation batch")
+    balance: Literal["tokens", "sources"] = Field("tokens", description="how the teacher terms weigh their "
+                                                  "examples: tokens (every answer token alike), sources (every "
+                                                  "source alike, whatever its number of prompts and the length of "
+                                                  "its answers)")
+
+    @model_serializer(mode="wrap")
+    def _omit_default_balance(self, handler):
+        # left out at its default, so the digest of a spec written before this field existed is unchanged
+        data = handler(self)
+        if data.get("balance") == "tokens":
+            data.pop("balance", None)
+        return data
 
 
 class MethodSpec(_Strict):

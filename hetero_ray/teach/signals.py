@@ -207,18 +207,26 @@ def source_signals(spec, index: int, adapter: LoraAdapter, cache: Path | None = 
 
 def teacher_examples(spec, signals: Sequence[dict], tokenizer) -> list[Example]:
     """Target-tokenized training examples: each teach prompt with the answer of each source that answers it
-    (the ``distill`` term), carrying the per-chunk excess (the ``excess`` term). Empty answers are skipped."""
+    (the ``distill`` term), carrying the per-chunk excess (the ``excess`` term). Empty answers are skipped.
+    Under ``teach.balance: sources`` each example weighs n / (S n_s) (n examples, S sources with any, n_s of
+    its source), so every source's examples weigh n / S together."""
     from hetero_ray.train.replay import tokenize
 
     index = {sid: i for i, sid in enumerate(spec.source_ids())}
-    out = []
+    per_source = []
     for sig in signals:
         records = teach_records(spec, index[sig["source_id"]])
         kept = [(r, it) for r, it in zip(records, sig["items"], strict=True) if it["answer"]]
         examples = tokenize(tokenizer, [{**r, "output": it["answer"]} for r, it in kept], spec.training.max_length)
         for e, (_, it) in zip(examples, kept, strict=True):
             e.chunks = [tuple(c) for c in it["chunks"]]
-            out.append(e)
+        per_source.append(examples)
+    out = [e for examples in per_source for e in examples]
+    if spec.teach is not None and spec.teach.balance == "sources":
+        answered = [examples for examples in per_source if examples]
+        for examples in answered:
+            for e in examples:
+                e.weight = len(out) / (len(answered) * len(examples))
     return out
 
 

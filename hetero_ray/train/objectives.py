@@ -12,6 +12,12 @@ model with the fused update switched off (the target as it was: base + target ad
   distillation across tokenizers: the answer text is re-tokenized for the target).
 - ``excess``: on chunks whose boundaries agree in both tokenizations, the fused model's log-probability gain
   over the target-only model matches the source expert's gain over its bare base (smooth L1, per chunk).
+
+Per-task normalisation: the replay terms and the teacher terms are each a mean over their own data, so the
+target's task and the sources' weigh as their weights say. Among sources, ``teach.balance: sources`` makes
+the teacher terms weigh every source alike: each example's own mean, weighted by its source's share (the
+batch's ``weights``, see :func:`hetero_ray.teach.signals.teacher_examples`); the default weighs every answer
+token alike, so a source with more prompts or longer answers weighs more.
 """
 
 from __future__ import annotations
@@ -71,9 +77,23 @@ def answer_forward(model, batch: Mapping[str, torch.Tensor]) -> Forward:
     return Forward(out.logits.float(), targets[:, positions], positions)
 
 
+def _weighted(per_example: torch.Tensor, present: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i x_i over the examples present, divided by their count: under ``teach.balance: sources`` the
+    weights average 1 over the teacher set, so each source weighs the same in expectation."""
+    w = weights.to(per_example) * present
+    return (w * per_example).sum() / present.sum().clamp_min(1)
+
+
 def cross_entropy(fwd: Forward, ref: Forward | None = None, batch: Mapping | None = None) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (the ``paper`` and ``distill`` terms)."""
-    return F.cross_entropy(fwd.logits.flatten(0, 1), fwd.targets.flatten(), ignore_index=IGNORE)
+    """Mean cross-entropy of the answer tokens (the ``paper`` and ``distill`` terms). With per-example
+    ``weights`` in the batch: each example's own token mean, weighted (see :func:`_weighted`)."""
+    if batch is None or "weights" not in batch:
+        return F.cross_entropy(fwd.logits.flatten(0, 1), fwd.targets.flatten(), ignore_index=IGNORE)
+    mask = fwd.targets != IGNORE
+    ce = F.cross_entropy(fwd.logits.flatten(0, 1), fwd.targets.flatten(), ignore_index=IGNORE,
+                         reduction="none").view_as(fwd.targets)
+    per_example = (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return _weighted(per_example, mask.any(1), batch["weights"])
 
 
 def _retain(fwd: Forward, ref: Forward, batch: Mapping) -> torch.Tensor:
@@ -86,15 +106,18 @@ def _retain(fwd: Forward, ref: Forward, batch: Mapping) -> torch.Tensor:
 def _excess(fwd: Forward, ref: Forward, batch: Mapping) -> torch.Tensor:
     """batch["chunks"]: per example a list of (start, end, source_excess) over answer-token indices."""
     gain = fwd.token_logprobs() - ref.token_logprobs().detach()  # (B, P)
-    terms = []
+    terms, per_example, present = [], [], []
     for i, chunks in enumerate(batch["chunks"]):
         answer = torch.nonzero(fwd.targets[i] != IGNORE).flatten()  # kept positions of this example's answer
-        for start, end, target in chunks:
-            if end > answer.numel():
-                continue  # the answer was cut at max_length
-            terms.append(F.smooth_l1_loss(gain[i, answer[start:end]].sum(), gain.new_tensor(float(target))))
+        mine = [F.smooth_l1_loss(gain[i, answer[start:end]].sum(), gain.new_tensor(float(target)))
+                for start, end, target in chunks if end <= answer.numel()]  # beyond: cut at max_length
+        terms += mine
+        per_example.append(torch.stack(mine).mean() if mine else gain.new_zeros(()))
+        present.append(bool(mine))
     if not terms:
         return gain.sum() * 0.0
+    if "weights" in batch:  # each example's own chunk mean, weighted
+        return _weighted(torch.stack(per_example), torch.tensor(present, device=gain.device), batch["weights"])
     return torch.stack(terms).mean()
 
 

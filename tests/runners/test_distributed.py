@@ -336,20 +336,27 @@ def test_multi_node_cluster_runs_one_worker_per_node_and_gives_the_same_adapter(
     assert _max_diff(_tensors(reference.output), _tensors(out.adapter)) < 1e-6
 
 
-@pytest.mark.parametrize("strategy,net,cluster,grad_accum", [
-    ("heterofusion", "grounded", {"partition": "groups"}, 2),
+@pytest.mark.parametrize("strategy,net,cluster,grad_accum,balance", [
+    # qwen2 answers 2 more prompts than gemma3, and every source weighs the same: the weights travel too
+    ("heterofusion", "grounded", {"partition": "groups"}, 2, "sources"),
     # one micro-batch a window: the second worker has none, every window, and its ZeRO-2 buckets must still
     # hold a (zero) gradient for every parameter, added rank included
-    ("distill_only", "paper", {"partition": "replicate", "zero_stage": 2}, 1)],
-    ids=["owners-heterofusion-grounded", "replicate-zero2-distill_only-one-micro-batch"])
-def test_teacher_signals_on_ray_match_in_process(zoo, ray_local, tmp_path, strategy, net, cluster, grad_accum):
+    ("distill_only", "paper", {"partition": "replicate", "zero_stage": 2}, 1, "tokens")],
+    ids=["owners-heterofusion-grounded-balanced", "replicate-zero2-distill_only-one-micro-batch"])
+def test_teacher_signals_on_ray_match_in_process(zoo, ray_local, tmp_path, strategy, net, cluster, grad_accum,
+                                                 balance):
     """FamilyActors compute the teacher signals, Ray Data carries the teacher examples to 2 workers (owning
     module groups, or replicated under ZeRO-2), which train with every objective term and added rank: the
     same adapter as in-process."""
+    from hetero_ray.contrib import tiny
     from hetero_ray.runners.ray.driver import fuse
 
+    prompts = [{"path": str(zoo["replay"]), "take": 4}]
+    if balance == "sources":
+        more = tiny.write_jsonl(tiny.color_task_records(2, seed=7), tmp_path / "qwen2-only.jsonl")
+        prompts.append({"path": str(more), "sources": ["qwen2-lora"]})
     spec = _spec(zoo, tmp_path, f"teach-{strategy}", sources=("qwen2", "gemma3"), strategy=strategy,
-                 teach={"prompts": [{"path": str(zoo["replay"]), "take": 4}], "max_new_tokens": 6},
+                 teach={"prompts": prompts, "max_new_tokens": 6, "balance": balance},
                  objective={"paper": 1.0, "distill": 1.0, "excess": 0.5, "retain": 0.5},
                  method={"num_projections": 16, "net": net, "extra_rank": 2},
                  training={"epochs": 1, "lr": 3e-3, "grad_accum": grad_accum, "batch_size": 2, "max_length": 64},
@@ -362,4 +369,6 @@ def test_teacher_signals_on_ray_match_in_process(zoo, ray_local, tmp_path, strat
     assert _max_diff(a, b) < 1e-4 * scale, _max_diff(a, b)
     report = json.loads((ray_result.output / "fusion_report.json").read_text())
     assert set(report["teacher"]) == {"qwen2-lora", "gemma3-lora"}
-    assert all(v["answers"] == 4 and v["dropped_chunks"] == 0 for v in report["teacher"].values())
+    answers = {"qwen2-lora": 6 if balance == "sources" else 4, "gemma3-lora": 4}
+    assert {k: v["answers"] for k, v in report["teacher"].items()} == answers
+    assert all(v["dropped_chunks"] == 0 for v in report["teacher"].values())

@@ -213,3 +213,55 @@ def test_each_prompt_file_is_answered_by_the_sources_it_names(zoo, tmp_path):
     with pytest.raises(SpecError, match=r"no prompt file is answered by source\(s\) \['gemma3-lora'\]"):
         teach_spec(zoo, tmp_path / "o", sources=("qwen2", "gemma3"),
                    teach={"prompts": [{"path": str(other), "sources": ["qwen2-lora"]}]})
+
+
+def test_balance_sources_weighs_every_source_alike(zoo, tmp_path):
+    from hetero_ray.contrib import tiny
+    from hetero_ray.teach.signals import teacher_examples
+    from hetero_ray.train.objectives import OBJECTIVES, Forward
+    from hetero_ray.train.replay import IGNORE, collate, load_tokenizer
+
+    other = tiny.write_jsonl(tiny.color_task_records(5, seed=7), tmp_path / "other.jsonl")
+    prompts = [{"path": str(zoo["replay"]), "take": 3, "sources": ["qwen2-lora"]}, {"path": str(other)}]
+    teach = {"prompts": prompts, "max_new_tokens": 4}
+    plain = teach_spec(zoo, tmp_path / "o", sources=("qwen2", "gemma3"), teach=teach)
+    spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2", "gemma3"), teach={**teach, "balance": "sources"})
+    # the default is left out of the dump, so specs written before the field keep their digest
+    assert "balance" not in plain.model_dump(mode="json")["teach"]
+    assert spec.model_dump(mode="json")["teach"]["balance"] == "sources" and spec.digest() != plain.digest()
+    with pytest.raises(SpecError, match="teach.balance"):
+        teach_spec(zoo, tmp_path / "o", teach={**teach, "balance": "examples"})
+
+    signals = [source_signals(spec, i, read_adapter(zoo[f"{f}-lora"]), None) for i, f in enumerate(("qwen2", "gemma3"))]
+    tok = load_tokenizer(spec.target.base)
+    assert all(e.weight is None for e in teacher_examples(plain, signals, tok))
+    examples = teacher_examples(spec, signals, tok)
+    counts = [sum(1 for it in s["items"] if it["answer"]) for s in signals]
+    assert counts[0] > counts[1] > 0  # qwen2 answers 8 prompts, gemma3 5
+    n = len(examples)
+    weights = [e.weight for e in examples]
+    assert weights == [n / (2 * counts[0])] * counts[0] + [n / (2 * counts[1])] * counts[1]
+    assert sum(weights[: counts[0]]) == pytest.approx(sum(weights[counts[0]:])) == pytest.approx(n / 2)
+
+    # the terms: each example's own mean, weighted; without weights, every answer token alike (as before)
+    batch = collate(examples[:1] + examples[-1:], tok.pad_token_id)
+    assert batch["weights"].tolist() == pytest.approx([weights[0], weights[-1]])
+    g = torch.Generator().manual_seed(0)
+    targets = torch.tensor([[3, 4, 5, IGNORE], [6, IGNORE, IGNORE, IGNORE]])
+    fwd = Forward(torch.randn(2, 4, 9, generator=g), targets, torch.arange(4))
+    ce = torch.nn.functional.cross_entropy(fwd.logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                           reduction="none").view(2, 4)
+    own = [ce[0, :3].mean(), ce[1, 0]]
+    distill = OBJECTIVES.lookup("distill").fn
+    w = torch.tensor([0.5, 1.5])
+    assert float(distill(fwd, None, {"weights": w})) == pytest.approx(float((0.5 * own[0] + 1.5 * own[1]) / 2))
+    assert float(distill(fwd, None, {})) == pytest.approx(float(ce[0, :3].sum() + ce[1, 0]) / 4)
+    # excess: per example the mean of its chunks (the second has none kept: cut at max_length)
+    ref = Forward(torch.randn(2, 4, 9, generator=g), targets, torch.arange(4))
+    chunks = [[(0, 1, 0.2), (1, 3, -0.1)], [(0, 2, 0.3)]]
+    gain = fwd.token_logprobs() - ref.token_logprobs()
+    l1 = torch.nn.functional.smooth_l1_loss
+    first = (l1(gain[0, :1].sum(), torch.tensor(0.2)) + l1(gain[0, 1:3].sum(), torch.tensor(-0.1))) / 2
+    excess = OBJECTIVES.lookup("excess").fn
+    assert float(excess(fwd, ref, {"chunks": chunks, "weights": w})) == pytest.approx(float(0.5 * first))
+    assert float(excess(fwd, ref, {"chunks": chunks})) == pytest.approx(float(first))

@@ -185,8 +185,8 @@ def _read_teacher():
     shard = ray.train.get_dataset_shard("teacher")
     rows = [r for b in shard.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
     rows.sort(key=lambda r: r["index"])
-    return [Example(list(r["input_ids"]), list(r["labels"]), [tuple(c) for c in json.loads(r["chunks"])])
-            for r in rows if r["index"] >= 0]
+    return [Example(list(r["input_ids"]), list(r["labels"]), [tuple(c) for c in json.loads(r["chunks"])],
+                    json.loads(r["weight"])) for r in rows if r["index"] >= 0]
 
 
 def train_loop(config: dict) -> None:
