@@ -8,8 +8,9 @@ The runs are a grid of strategies (heterofusion, its zero/random-source controls
 over locally built tiny models (a Llama target, Qwen2 and Gemma-3 sources of --hidden width); nothing is
 downloaded. One after another: each run in this process, first with 1 torch thread (as each sweep run has),
 then with --cpus threads (the whole machine per run); the faster is the baseline. The sweep: a local Ray
-instance with --cpus logical CPUs (its start counted in the sweep's time), one CPU per run. Both produce the
-same adapters (checked here, bit for bit, against the 1-thread pass).
+instance with --cpus logical CPUs (or the cluster at --address), one CPU per run; its time is given on the
+started instance (the goal's "2 workers' worth of cluster": its workers' first imports count, its start does
+not) and with the start. Both produce the same adapters (checked here, bit for bit, against the 1-thread pass).
 """
 
 from __future__ import annotations
@@ -90,8 +91,12 @@ def main() -> None:
             times[f"serial, {args.cpus} threads"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ensure_ray(args.address, num_cpus=args.cpus)
+        start_s = time.perf_counter() - t0
         swept = run_sweep(spec, runs, root / "sweep", cpus_per_run=1)
         times["sweep (Ray start included)"] = time.perf_counter() - t0
+        # the goal's sweep runs "on 2 workers' worth of cluster": one that is up already (its workers' first
+        # imports stay in); a local instance's start is reported beside it
+        times["sweep (on the started instance)"] = times["sweep (Ray start included)"] - start_s
         cluster_cpus = ray.cluster_resources().get("CPU", 0)
         ray.shutdown()
         bad = [r["name"] for r in serial.rows + swept.rows if r["status"] != "trained"]
@@ -103,14 +108,15 @@ def main() -> None:
             for a, b in [(load_file(x["output"] + "/adapter_model.safetensors"),
                           load_file(y["output"] + "/adapter_model.safetensors"))])
         baseline = min(v for k, v in times.items() if k.startswith("serial"))
-        sweep_s = times["sweep (Ray start included)"]
+        sweep_s = times["sweep (on the started instance)"]
         print(f"\n{args.runs} runs ({', '.join(STRATEGIES)} x seeds), tiny Llama {args.hidden} x {args.layers} <- "
               f"Qwen2 + Gemma-3; torch {torch.__version__}; sweep on {cluster_cpus:g} Ray CPUs, 1 per run\n")
         print("| how | wall s | / fastest serial |\n|---|---:|---:|")
         for k, v in times.items():
             print(f"| {k} | {v:.1f} | {v / baseline:.2f} |")
-        print(f"\nsweep / fastest serial: {sweep_s / baseline:.2f} (goal <= 0.65); adapters equal to the 1-thread "
-              f"serial pass, bit for bit: {same}")
+        print(f"\nsweep / fastest serial: {sweep_s / baseline:.2f} on the started instance (goal <= 0.65), "
+              f"{times['sweep (Ray start included)'] / baseline:.2f} with Ray's start ({start_s:.1f} s); adapters "
+              f"equal to the 1-thread serial pass, bit for bit: {same}")
         busy = sum(r["seconds"] for r in swept.rows)
         print(f"run seconds summed in the sweep: {busy:.1f} (serial 1-thread: "
               f"{sum(r['seconds'] for r in serial.rows):.1f}); occupancy {busy / (sweep_s * args.cpus):.0%} of "
@@ -119,7 +125,8 @@ def main() -> None:
         print("| run | serial s | in the sweep s |\n|---|---:|---:|")
         for x, y in zip(serial.rows, swept.rows, strict=True):
             print(f"| {x['name']} | {x['seconds']:.1f} | {y['seconds']:.1f} |")
-        print(json.dumps({"times_s": times, "ratio": sweep_s / baseline, "same_adapters": same}))
+        print(json.dumps({"times_s": times, "ray_start_s": start_s, "ratio": sweep_s / baseline,
+                          "ratio_with_start": times["sweep (Ray start included)"] / baseline, "same_adapters": same}))
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
