@@ -58,7 +58,7 @@ from hetero_ray.sweep import SweepRun, run_sweep  # noqa: E402
 from hetero_ray.train.replay import load_records  # noqa: E402
 
 SIZES = {
-    # 2 CPU cores: about 5 min per trained run
+    # 2 CPU cores: 19-27 min per trained run with its test evaluation, 2 runs at a time with 1 thread each
     "cpu": dict(expert_steps=40, expert_batch=4, test_n=100, teach_n=120, replay_n=32, epochs=1, batch_size=4,
                 grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, lr=5e-4, seeds=[0, 1, 2, 3, 4],
                 val_n=50, lr_grid=[5e-4, 1e-3, 2e-3]),
@@ -167,6 +167,9 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap.add_argument("--net", default="grounded", choices=["paper", "grounded"], help="heterofusion's transfer net")
     ap.add_argument("--lr", type=float, default=None, help="one lr for every trained run (no sweep)")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=None, help="the sweep (default: the size's)")
+    ap.add_argument("--teach-n", type=int, default=None,
+                    help="source-task prompts that teach (default: the size's; at most the pool less validation)")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of every trained run (default: the size's)")
     ap.add_argument("--parallel", type=int, default=1,
                     help="trained runs at once, as a sweep on Ray, each holding --threads CPUs and evaluated in its "
                          "own task (1: one after another in this process)")
@@ -182,6 +185,12 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     if unknown:
         ap.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted([*STRATEGIES, *VARIANTS])}")
     size = dict(SIZES[args.size])
+    defaults = dict(size)
+    for key, value in (("teach_n", args.teach_n), ("epochs", args.epochs)):
+        if value is not None:
+            if value < 1:
+                ap.error(f"--{key.replace('_', '-')}: at least 1")
+            size[key] = value
     seeds = args.seeds if args.seeds is not None else size["seeds"]
     if not seeds:
         ap.error("--seeds: at least one")
@@ -233,8 +242,10 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     # training data: labelled target-task replay; source-task inputs with their outputs removed
     replay = write_jsonl(pools[tt][: size["replay_n"]], out / "data" / f"{tt}-replay.jsonl")
     teach_records = pools[st][: size["teach_n"]]
+    # runs are reused by their spec, which names its inputs by path: prompts of another count get another file
+    prompts_name = f"{st}-prompts" + ("" if size["teach_n"] == defaults["teach_n"] else f"-{size['teach_n']}")
     teach = write_jsonl([{k: v for k, v in r.items() if k != "output"} for r in teach_records],
-                        out / "data" / f"{st}-prompts.jsonl")
+                        out / "data" / f"{prompts_name}.jsonl")
     base_spec = {
         "target": {"base": str(target_base), "adapter": str(target_expert)},
         "sources": [{"adapter": str(source_expert), "base": str(source_base), "id": f"gemma3-{st}"}],
@@ -409,7 +420,8 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     lines = [f"Target SmolLM2-135M with its {tt} expert; source Gemma-3-270M {st} expert; no {st} label in training "
              f"({len(teach_records)} {st} prompts teach, {size['replay_n']} labelled {tt} records "
              f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; {lr_note}; "
-             f"objective {objective}, added rank {size['extra_rank']}, heterofusion net {args.net}; "
+             f"objective {objective}, {size['epochs']} epoch(s), added rank {size['extra_rank']}, heterofusion net "
+             f"{args.net}; "
              f"wrong_task_expert: the Gemma-3 {wt} expert. ‖ΔW‖/‖W_t‖: the update's size against the target "
              f"expert's (all modules, W = scale·B·A), and its two parts: in the target's ranks (dB, from the "
              f"transfer nets or trained directly) and in the added rank. Teacher F1: the run's teacher's answers on "
