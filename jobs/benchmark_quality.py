@@ -213,7 +213,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     for t in (tt, st):
         pools[t], tests[t] = split(args.data, t, size["test_n"])
         vals[t] = pools[t][-size["val_n"]:]  # validation: never in the replay or the prompts
-        if max(size["replay_n"], size["teach_n"]) > len(pools[t]) - size["val_n"]:
+        if max(size["replay_n"] if t == tt else 0, size["teach_n"] if t == st else 0) > len(pools[t]) - size["val_n"]:
             raise SystemExit(f"{t}: {len(pools[t])} training records cannot give the replay/prompts and "
                              f"{size['val_n']} validation records")
     splits = {"test": tests, "val": vals}

@@ -209,8 +209,9 @@ def teacher_examples(spec, signals: Sequence[dict], tokenizer) -> list[Example]:
     """Target-tokenized training examples: each teach prompt with the answer of each source that answers it
     (the ``distill`` term), carrying the per-chunk excess (the ``excess`` term). Empty answers are skipped.
     Under ``teach.balance: sources`` each example weighs n / (S n_s) (n examples, S sources with any, n_s of
-    its source), so every source's examples weigh n / S together."""
-    from hetero_ray.train.replay import tokenize
+    its source), so every source's examples weigh n / S together; in the ``excess`` term the same over the
+    examples that have a chunk within their (possibly cut) answer, the only ones that term reads."""
+    from hetero_ray.train.replay import IGNORE, tokenize
 
     index = {sid: i for i, sid in enumerate(spec.source_ids())}
     per_source = []
@@ -223,11 +224,21 @@ def teacher_examples(spec, signals: Sequence[dict], tokenizer) -> list[Example]:
         per_source.append(examples)
     out = [e for examples in per_source for e in examples]
     if spec.teach is not None and spec.teach.balance == "sources":
-        answered = [examples for examples in per_source if examples]
-        for examples in answered:
-            for e in examples:
-                e.weight = len(out) / (len(answered) * len(examples))
+        _balance([examples for examples in per_source if examples], "weight")
+        for e in out:
+            e.chunk_weight = 0.0
+        with_chunks = [[e for e in examples if any(end <= sum(1 for t in e.labels if t != IGNORE)
+                                                  for _, end, _ in e.chunks)] for examples in per_source]
+        _balance([examples for examples in with_chunks if examples], "chunk_weight")
     return out
+
+
+def _balance(per_source: Sequence[Sequence[Example]], field: str) -> None:
+    """Set ``field`` of each example to n / (S n_s): every source's examples weigh n / S together."""
+    n = sum(len(examples) for examples in per_source)
+    for examples in per_source:
+        for e in examples:
+            setattr(e, field, n / (len(per_source) * len(examples)))
 
 
 def signals_summary(signals: Sequence[dict]) -> dict:

@@ -1,6 +1,7 @@
 """The training objective as weighted terms from a registry (the spec's ``objective: {term: weight}``).
 
-Each term is a mean over its own tokens (so terms of different data are comparable), computed on one
+Each term is a mean over its own tokens or chunks (so terms of different data are comparable; under
+``teach.balance: sources`` a weighted mean of per-example means, below), computed on one
 micro-batch of its data with the fused update applied; ``reference`` log-probabilities come from the same
 model with the fused update switched off (the target as it was: base + target adapter).
 
@@ -16,8 +17,11 @@ model with the fused update switched off (the target as it was: base + target ad
 Per-task normalisation: the replay terms and the teacher terms are each a mean over their own data, so the
 target's task and the sources' weigh as their weights say. Among sources, ``teach.balance: sources`` makes
 the teacher terms weigh every source alike: each example's own mean, weighted by its source's share (the
-batch's ``weights``, see :func:`hetero_ray.teach.signals.teacher_examples`); the default weighs every answer
-token alike, so a source with more prompts or longer answers weighs more.
+batch's ``weights`` for ``distill``, ``chunk_weights`` for ``excess``: see
+:func:`hetero_ray.teach.signals.teacher_examples`). The balance holds in expectation over an epoch; a
+micro-batch of a rare source's examples weighs more (clip with ``training.max_grad_norm`` where sources are
+very unequal). The default weighs every answer token of a micro-batch alike, so a source with more prompts or
+longer answers weighs more.
 """
 
 from __future__ import annotations
@@ -116,8 +120,9 @@ def _excess(fwd: Forward, ref: Forward, batch: Mapping) -> torch.Tensor:
         present.append(bool(mine))
     if not terms:
         return gain.sum() * 0.0
-    if "weights" in batch:  # each example's own chunk mean, weighted
-        return _weighted(torch.stack(per_example), torch.tensor(present, device=gain.device), batch["weights"])
+    if "chunk_weights" in batch:  # each example's own chunk mean, weighted
+        return _weighted(torch.stack(per_example), torch.tensor(present, device=gain.device),
+                         batch["chunk_weights"])
     return torch.stack(terms).mean()
 
 

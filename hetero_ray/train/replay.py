@@ -21,8 +21,10 @@ class Example:
     labels: list[int]
     # teacher examples: (start, end, source excess) over answer-token indices (the ``excess`` objective term)
     chunks: list[tuple[int, int, float]] | None = None
-    # teacher examples under ``teach.balance: sources``: the example's weight (its source's share made equal)
+    # teacher examples under ``teach.balance: sources``: the example's weight in the ``distill`` term (its
+    # source's share made equal) and in the ``excess`` term (the same over the examples with a chunk that fits)
     weight: float | None = None
+    chunk_weight: float | None = None
 
 
 def load_records(path: str | Path, take: int | float | str = "all", seed: int = 0, field: str = "data",
@@ -106,8 +108,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if any(e.chunks is not None for e in examples):
         batch["chunks"] = [e.chunks or [] for e in examples]
-    if any(e.weight is not None for e in examples):
-        batch["weights"] = torch.tensor([1.0 if e.weight is None else e.weight for e in examples])
+    for key, name in (("weights", "weight"), ("chunk_weights", "chunk_weight")):
+        if any(getattr(e, name) is not None for e in examples):
+            batch[key] = torch.tensor([1.0 if getattr(e, name) is None else getattr(e, name) for e in examples])
     return batch
 
 

@@ -94,11 +94,11 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     before = weights.stat().st_mtime_ns
     log = _run(bench_inputs, out, "--resume")
     assert log.count("reused") == 3 * (len(METHODS) - 1) and weights.stat().st_mtime_ns == before
-    # another objective makes every spec different: nothing is reused
-    # ... and trained two at a time as a sweep on Ray, each run evaluated in its own task
-    # ... with another count of prompts (in their own file: the spec names inputs by path) and of epochs
+    # another count of prompts (in their own file: the spec names inputs by path) and of epochs make every spec
+    # different: nothing is reused, and the runs train two at a time as a sweep on Ray, each evaluated in its
+    # own task
     log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--lr", "1e-3", "--parallel", "2", "--threads", "1",
-               "--objective", '{"paper": 1.0, "distill": 0.5}', "--teach-n", "4", "--epochs", "2")
+               "--teach-n", "4", "--epochs", "2")
     assert "reused" not in log
     spec = yaml.safe_load((out / "specs" / "heterofusion-0.yaml").read_text())  # 1e-3: the smoke size's lr
     assert spec["training"]["epochs"] == 2

@@ -20,9 +20,7 @@ def test_benchmark_sweep_times_the_sweep_with_and_without_rays_start(tmp_path):
     assert result["same_adapters"] is True
     times = result["times_s"]
     assert set(times) == {"serial, 1 thread", "sweep (Ray start included)", "sweep (on the started instance)"}
-    assert 0 < result["ray_start_s"] < times["sweep (Ray start included)"]
-    assert times["sweep (on the started instance)"] == pytest.approx(times["sweep (Ray start included)"]
-                                                                     - result["ray_start_s"])
+    assert times["sweep (on the started instance)"] < times["sweep (Ray start included)"]
     assert result["ratio"] == pytest.approx(times["sweep (on the started instance)"] / times["serial, 1 thread"])
     assert "on the started instance (goal <= 0.65)" in proc.stdout
     # both passes trained (nothing reused) into the kept directory

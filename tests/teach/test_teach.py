@@ -242,10 +242,17 @@ def test_balance_sources_weighs_every_source_alike(zoo, tmp_path):
     weights = [e.weight for e in examples]
     assert weights == [n / (2 * counts[0])] * counts[0] + [n / (2 * counts[1])] * counts[1]
     assert sum(weights[: counts[0]]) == pytest.approx(sum(weights[counts[0]:])) == pytest.approx(n / 2)
+    # excess: the same over the examples with a chunk inside their answer (the only ones that term reads)
+    fits = [any(end <= sum(t != IGNORE for t in e.labels) for _, end, _ in e.chunks) for e in examples]
+    assert all(e.chunk_weight == 0.0 for e, f in zip(examples, fits, strict=True) if not f)
+    sums = [sum(e.chunk_weight for e in part) for part in (examples[: counts[0]], examples[counts[0]:])]
+    assert sums[0] == pytest.approx(sums[1]) == pytest.approx(sum(fits) / 2) and sum(fits) > 0
 
     # the terms: each example's own mean, weighted; without weights, every answer token alike (as before)
     batch = collate(examples[:1] + examples[-1:], tok.pad_token_id)
     assert batch["weights"].tolist() == pytest.approx([weights[0], weights[-1]])
+    assert batch["chunk_weights"].tolist() == pytest.approx([examples[0].chunk_weight, examples[-1].chunk_weight])
+    assert "weights" not in collate(teacher_examples(plain, signals, tok)[:2], tok.pad_token_id)
     g = torch.Generator().manual_seed(0)
     targets = torch.tensor([[3, 4, 5, IGNORE], [6, IGNORE, IGNORE, IGNORE]])
     fwd = Forward(torch.randn(2, 4, 9, generator=g), targets, torch.arange(4))
@@ -263,5 +270,6 @@ def test_balance_sources_weighs_every_source_alike(zoo, tmp_path):
     l1 = torch.nn.functional.smooth_l1_loss
     first = (l1(gain[0, :1].sum(), torch.tensor(0.2)) + l1(gain[0, 1:3].sum(), torch.tensor(-0.1))) / 2
     excess = OBJECTIVES.lookup("excess").fn
-    assert float(excess(fwd, ref, {"chunks": chunks, "weights": w})) == pytest.approx(float(0.5 * first))
+    assert float(excess(fwd, ref, {"chunks": chunks, "chunk_weights": w})) == pytest.approx(float(0.5 * first))
+    assert float(excess(fwd, ref, {"chunks": chunks, "weights": w})) == pytest.approx(float(first))  # distill's
     assert float(excess(fwd, ref, {"chunks": chunks})) == pytest.approx(float(first))

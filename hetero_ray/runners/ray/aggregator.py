@@ -186,7 +186,7 @@ def _read_teacher():
     rows = [r for b in shard.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
     rows.sort(key=lambda r: r["index"])
     return [Example(list(r["input_ids"]), list(r["labels"]), [tuple(c) for c in json.loads(r["chunks"])],
-                    json.loads(r["weight"])) for r in rows if r["index"] >= 0]
+                    json.loads(r["weight"]), json.loads(r["chunk_weight"])) for r in rows if r["index"] >= 0]
 
 
 def train_loop(config: dict) -> None:

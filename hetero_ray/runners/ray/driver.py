@@ -198,9 +198,10 @@ def teacher_dataset(spec: FusionSpec, signals: list[dict], tokenizer):
 
     examples = teacher_examples(spec, signals, tokenizer)
     rows = [{"index": i, "input_ids": e.input_ids, "labels": e.labels, "chunks": json.dumps(e.chunks),
-             "weight": json.dumps(e.weight)} for i, e in enumerate(examples)]
+             "weight": json.dumps(e.weight), "chunk_weight": json.dumps(e.chunk_weight)}
+            for i, e in enumerate(examples)]
     return ray.data.from_items(rows or [{"index": -1, "input_ids": [], "labels": [], "chunks": "null",
-                                         "weight": "null"}]).materialize()
+                                         "weight": "null", "chunk_weight": "null"}]).materialize()
 
 
 def replay_dataset(spec: FusionSpec, tokenizer):
