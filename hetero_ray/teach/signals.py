@@ -227,8 +227,11 @@ def teacher_examples(spec, signals: Sequence[dict], tokenizer) -> list[Example]:
         _balance([examples for examples in per_source if examples], "weight")
         for e in out:
             e.chunk_weight = 0.0
-        with_chunks = [[e for e in examples if any(end <= sum(1 for t in e.labels if t != IGNORE)
-                                                  for _, end, _ in e.chunks)] for examples in per_source]
+        def fits(e: Example) -> bool:  # a chunk inside the (possibly cut) answer, as the excess term reads it
+            answer = sum(1 for t in e.labels if t != IGNORE)
+            return any(end <= answer for _, end, _ in e.chunks)
+
+        with_chunks = [[e for e in examples if fits(e)] for examples in per_source]
         _balance([examples for examples in with_chunks if examples], "chunk_weight")
     return out
 
