@@ -211,7 +211,7 @@ def teacher_examples(spec, signals: Sequence[dict], tokenizer) -> list[Example]:
     Under ``teach.balance: sources`` each example weighs n / (S n_s) (n examples, S sources with any, n_s of
     its source), so every source's examples weigh n / S together; in the ``excess`` term the same over the
     examples that have a chunk within their (possibly cut) answer, the only ones that term reads."""
-    from hetero_ray.train.replay import IGNORE, tokenize
+    from hetero_ray.train.replay import IGNORE, chunks_within, tokenize
 
     index = {sid: i for i, sid in enumerate(spec.source_ids())}
     per_source = []
@@ -227,9 +227,8 @@ def teacher_examples(spec, signals: Sequence[dict], tokenizer) -> list[Example]:
         _balance([examples for examples in per_source if examples], "weight")
         for e in out:
             e.chunk_weight = 0.0
-        def fits(e: Example) -> bool:  # a chunk inside the (possibly cut) answer, as the excess term reads it
-            answer = sum(1 for t in e.labels if t != IGNORE)
-            return any(end <= answer for _, end, _ in e.chunks)
+        def fits(e: Example) -> bool:  # a chunk the excess term reads
+            return bool(chunks_within(e.chunks, sum(1 for t in e.labels if t != IGNORE)))
 
         with_chunks = [[e for e in examples if fits(e)] for examples in per_source]
         _balance([examples for examples in with_chunks if examples], "chunk_weight")

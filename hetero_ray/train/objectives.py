@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from hetero_ray.errors import SpecError
 from hetero_ray.registry import Registry
-from hetero_ray.train.replay import IGNORE
+from hetero_ray.train.replay import IGNORE, chunks_within
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _excess(fwd: Forward, ref: Forward, batch: Mapping) -> torch.Tensor:
     for i, chunks in enumerate(batch["chunks"]):
         answer = torch.nonzero(fwd.targets[i] != IGNORE).flatten()  # kept positions of this example's answer
         mine = [F.smooth_l1_loss(gain[i, answer[start:end]].sum(), gain.new_tensor(float(target)))
-                for start, end, target in chunks if end <= answer.numel()]  # beyond: cut at max_length
+                for start, end, target in chunks_within(chunks, answer.numel())]
         terms += mine
         per_example.append(torch.stack(mine).mean() if mine else gain.new_zeros(()))
         present.append(bool(mine))

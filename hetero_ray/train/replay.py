@@ -27,6 +27,12 @@ class Example:
     chunk_weight: float | None = None
 
 
+def chunks_within(chunks, answer_len: int) -> list:
+    """The chunks that lie inside an answer of ``answer_len`` kept tokens (a tokenized answer may be cut at
+    ``max_length``): the only ones the ``excess`` term reads, and the ones its balance counts."""
+    return [c for c in chunks or () if c[1] <= answer_len]
+
+
 def load_records(path: str | Path, take: int | float | str = "all", seed: int = 0, field: str = "data",
                  need_output: bool = True) -> list[dict]:
     """Records from a JSON list or JSONL file (UTF-8). ``take``: a count, a fraction in (0, 1], or "all"; a
