@@ -227,10 +227,9 @@ def teacher_examples(spec, signals: Sequence[dict], tokenizer) -> list[Example]:
         _balance([examples for examples in per_source if examples], "weight")
         for e in out:
             e.chunk_weight = 0.0
-        def fits(e: Example) -> bool:  # a chunk the excess term reads
-            return bool(chunks_within(e.chunks, sum(1 for t in e.labels if t != IGNORE)))
-
-        with_chunks = [[e for e in examples if fits(e)] for examples in per_source]
+        # the excess term reads only the examples with a chunk inside their answer
+        with_chunks = [[e for e in examples if chunks_within(e.chunks, sum(t != IGNORE for t in e.labels))]
+                       for examples in per_source]
         _balance([examples for examples in with_chunks if examples], "chunk_weight")
     return out
 
