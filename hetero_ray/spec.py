@@ -110,10 +110,14 @@ class MethodSpec(_Strict):
     rdm_max_samples: int | None = Field(None, gt=0, description="RDM on at most this many rows per term (a "
                                         "random subset each step; biases the estimate up); null: every row, as "
                                         "the paper")
-    rdm_sort_budget: int | None = Field(2048 * 512, gt=0, description="at most this many projected values per "
+    rdm_sort_budget: int | None = Field(2048 * 128, gt=0, description="at most this many projected values per "
                                         "RDM sort: a term with more rows uses fewer projections (not under 64; "
-                                        "unbiased, noisier); the paper's 2048 up to 512 rows; null: always "
+                                        "unbiased, noisier); the paper's 2048 up to 128 rows; null: always "
                                         "num_projections")
+    rdm_directions: Literal["orthogonal", "iid"] = Field("orthogonal", description="RDM's directions: "
+                                                         "orthogonal in blocks of the encoder width (each still "
+                                                         "uniform on the sphere: the same expectation, lower "
+                                                         "variance); iid: independent, as the paper")
     net: Literal["paper", "grounded"] = Field("paper", description="paper: the authors' transfer network; "
                                               "grounded: values linear in the raw source tokens (zero sources "
                                               "give dB = 0), per-source gates that can close, steps of ~lr")

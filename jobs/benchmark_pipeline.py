@@ -64,6 +64,8 @@ def main() -> None:
                     help="RDM rows per term (default 0: the spec's default; -1: every row)")
     ap.add_argument("--rdm-sort-budget", type=int, default=0,
                     help="RDM projected values per sort (default 0: the spec's default; -1: no budget)")
+    ap.add_argument("--rdm-directions", choices=["orthogonal", "iid"], default=None,
+                    help="RDM's directions (default: the spec's, orthogonal)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the Ray workers' count is 1)")
     ap.add_argument("--shape", choices=["varied", "smollm2"], default="varied",
                     help="varied: each model its own width and depth; smollm2: SmolLM2-135M shapes, one base per "
@@ -114,6 +116,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
         method["rdm_max_samples"] = None if args.rdm_max_samples < 0 else args.rdm_max_samples
     if args.rdm_sort_budget:
         method["rdm_sort_budget"] = None if args.rdm_sort_budget < 0 else args.rdm_sort_budget
+    if args.rdm_directions:
+        method["rdm_directions"] = args.rdm_directions
     spec = parse_spec({
         "output": str(root / "out"),
         "target": {"base": str(zoo["target-base"]), "adapter": str(zoo["target"])},
@@ -189,7 +193,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
                       for k, v in o.items()} for g, o in outputs.items()}
         t0 = time.perf_counter()
         group_rdm(leaves, prepared.groups, gen, spec.method.mu_target, spec.method.sigma_target,
-                  spec.method.num_projections, spec.method.rdm_max_samples, spec.method.rdm_sort_budget).backward()
+                  spec.method.num_projections, spec.method.rdm_max_samples, spec.method.rdm_sort_budget,
+                  directions=spec.method.rdm_directions).backward()
         rdm_times.append(time.perf_counter() - t0)
     rdm_s = min(rdm_times)
     parts = {k: round(mean(f"time_{k}_s"), 4) for k in ("nets_forward", "rdm", "nets_backward", "optimizer", "target")}
@@ -198,7 +203,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
         "step_target_model_s": round(target_s, 4), "transfer_net_share": round(net_s / (net_s + target_s), 3),
         "step_parts_s": parts,
         "rdm": {"projections": spec.method.num_projections, "max_samples": spec.method.rdm_max_samples,
-                "sort_budget": spec.method.rdm_sort_budget,
+                "sort_budget": spec.method.rdm_sort_budget, "directions": spec.method.rdm_directions,
                 "rows_per_group": rows, "forward_backward_s": round(rdm_s, 4),
                 "share_of_step": round(rdm_s / (net_s + target_s), 3)},
     }

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hetero_ray.align import AlignmentPlan
-from hetero_ray.denoise.rdm import rdm
+from hetero_ray.denoise.rdm import Directions, rdm
 from hetero_ray.denoise.transfer_net import TransferNet, TransferNetConfig
 from hetero_ray.errors import HeteroRayError
 from hetero_ray.families import Rows, Topology
@@ -227,11 +227,12 @@ def group_rdm(
     max_samples: int | None = None,
     sort_budget: int | None = None,
     n_groups: int | None = None,
+    directions: Directions = "orthogonal",
 ) -> torch.Tensor:
     """Mean over groups of RDM(target encodings) + RDM(source encodings, padding excluded); each term on at
-    most ``max_samples`` rows and ``sort_budget`` projected values (see ``rdm``). ``generator``: one for
-    every draw, or one per group (:func:`rdm_generators`). ``n_groups``: divide the sum by this many groups
-    instead of those present (a worker's share of the mean over every worker's groups)."""
+    most ``max_samples`` rows and ``sort_budget`` projected values, along ``directions`` (see ``rdm``).
+    ``generator``: one for every draw, or one per group (:func:`rdm_generators`). ``n_groups``: divide the sum
+    by this many groups instead of those present (a worker's share of the mean over every worker's groups)."""
     terms = []
     for name, res in outputs.items():
         if name == EXTRA or "z_target" not in res:
@@ -239,8 +240,8 @@ def group_rdm(
         gen = generator[name] if isinstance(generator, Mapping) else generator
         z_t = res["z_target"].flatten(0, 1)
         z_s = res["z_source"][groups[name].src_valid]
-        terms.append(rdm(z_t, mu_target, sigma_target, num_projections, gen, max_samples, sort_budget)
-                     + rdm(z_s, mu_target, sigma_target, num_projections, gen, max_samples, sort_budget))
+        terms.append(rdm(z_t, mu_target, sigma_target, num_projections, gen, max_samples, sort_budget, directions)
+                     + rdm(z_s, mu_target, sigma_target, num_projections, gen, max_samples, sort_budget, directions))
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum() / (n_groups or len(terms))

@@ -159,7 +159,7 @@ class FusionObjective:
         reg = group_rdm(outputs, self.groups, rdm_generators(self.seed, step.index, self.groups),
                         self.method.mu_target, self.method.sigma_target, self.method.num_projections,
                         self.method.rdm_max_samples, self.method.rdm_sort_budget,
-                        self.n_groups) if lam > 0 else torch.zeros(())
+                        self.n_groups, self.method.rdm_directions) if lam > 0 else torch.zeros(())
         t3 = time.perf_counter()
         grads = {p: leaf.grad for p, leaf in leaves.items()}
         grads.update({k: g for p, (la, lb) in extra_leaves.items() for k, g in ((f"{EXTRA_A}{p}", la.grad),
