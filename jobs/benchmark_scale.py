@@ -132,6 +132,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--repeats", type=int, default=2, help="alignment timing repeats (best of)")
+    ap.add_argument("--rdm-sort-budget", type=int, default=0,
+                    help="RDM projected values per sort (default 0: the spec's default; -1: no budget)")
+    ap.add_argument("--rdm-directions", choices=["orthogonal", "iid"], default=None,
+                    help="RDM's directions (default: the spec's, orthogonal)")
     ap.add_argument("--skip-ray-alignment", action="store_true", help="time alignment in-process only")
     ap.add_argument("--address", default=None, help="a running Ray cluster (default: a local instance)")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows here (JSON)")
@@ -152,8 +156,13 @@ def main() -> None:
     try:
         for n in [int(x) for x in args.sources.split(",")]:
             zoo = build_zoo(root / f"zoo{n}", args.hidden, args.layers, n, args.rank)
+            method = {}  # the spec's defaults unless asked
+            if args.rdm_sort_budget:
+                method["rdm_sort_budget"] = None if args.rdm_sort_budget < 0 else args.rdm_sort_budget
+            if args.rdm_directions:
+                method["rdm_directions"] = args.rdm_directions
             spec = parse_spec({
-                "output": str(root / "out"),
+                "output": str(root / "out"), "method": method,
                 "target": {"base": str(zoo["target-base"]), "adapter": str(zoo["target"])},
                 "sources": [{"adapter": str(zoo[f"source{i}"])} for i in range(n)],
                 "replay": [{"path": str(zoo["replay"])}],
