@@ -164,6 +164,8 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap.add_argument("--methods", nargs="*", default=None, help=f"default: {' '.join(DEFAULT_METHODS)}")
     ap.add_argument("--objective", default='{"paper": 1.0, "distill": 1.0}',
                     help="objective terms and weights (JSON), the same for every trained method")
+    ap.add_argument("--method", default="{}", help="more method fields (JSON) for every trained run, e.g. "
+                    '\'{"rdm_directions": "iid", "rdm_sort_budget": 1048576}\': RDM as before 7923662')
     ap.add_argument("--net", default="grounded", choices=["paper", "grounded"], help="heterofusion's transfer net")
     ap.add_argument("--lr", type=float, default=None, help="one lr for every trained run (no sweep)")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=None, help="the sweep (default: the size's)")
@@ -195,7 +197,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     if not seeds:
         ap.error("--seeds: at least one")
     grid = [args.lr] if args.lr else sorted(set(args.lr_grid or size["lr_grid"]))
-    objective = json.loads(args.objective)
+    objective, method_fields = json.loads(args.objective), json.loads(args.method)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -252,7 +254,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         "replay": [{"path": str(replay)}],
         "teach": {"prompts": [{"path": str(teach)}], "max_new_tokens": size["max_new_tokens"], "batch_size": 16},
         "objective": objective,
-        "method": {"net": args.net, "extra_rank": size["extra_rank"]},
+        "method": {"net": args.net, "extra_rank": size["extra_rank"], **method_fields},
         "training": {"epochs": size["epochs"], "batch_size": size["batch_size"], "grad_accum": size["grad_accum"],
                      "max_length": size["max_length"], "warmup_ratio": 0.05},
         "cluster": {"workers": 1, "zero_stage": 0, "storage": str(out / "state"), "use_gpu": args.device == "cuda"},
@@ -457,6 +459,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
     settings = {"size": args.size, **size, "seeds": seeds, "lr_grid": grid, "objective": objective, "net": args.net,
+                "method": method_fields,
                 "target_task": tt, "source_task": st, "wrong_task": wt, "target": str(target_base),
                 "source": str(source_base), "parallel": args.parallel, "threads": threads,
                 "device": args.device}

@@ -98,14 +98,15 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     # different: nothing is reused, and the runs train two at a time as a sweep on Ray, each evaluated in its
     # own task
     log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--lr", "1e-3", "--parallel", "2", "--threads", "1",
-               "--teach-n", "4", "--epochs", "2")
+               "--teach-n", "4", "--epochs", "2", "--method", '{"rdm_directions": "iid"}')
     assert "reused" not in log
     spec = yaml.safe_load((out / "specs" / "heterofusion-0.yaml").read_text())  # 1e-3: the smoke size's lr
-    assert spec["training"]["epochs"] == 2
+    assert spec["training"]["epochs"] == 2 and spec["method"]["rdm_directions"] == "iid"
     assert spec["teach"]["prompts"][0]["path"].endswith("mit-restaurant-prompts-4.jsonl")
     assert len((out / "data" / "mit-restaurant-prompts-4.jsonl").read_text().splitlines()) == 4
     assert len((out / "data" / "mit-restaurant-prompts.jsonl").read_text().splitlines()) == 6  # the default's, kept
-    assert json.loads((out / "results.json").read_text())["settings"]["teach_n"] == 4
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["teach_n"] == 4 and settings["method"] == {"rdm_directions": "iid"}
     table = json.loads((out / "sweep.json").read_text())["rows"]
     assert [r["status"] for r in table] == ["trained"] * (len(METHODS) - 1)
     assert len({r["pid"] for r in table}) > 1 and os.getpid() not in {r["pid"] for r in table}
