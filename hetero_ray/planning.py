@@ -85,7 +85,8 @@ def base_model_params(config: dict) -> int:
 
 def transfer_activation_bytes(cfg: TransferNetConfig, modules: int, target_tokens: int, source_tokens: int,
                               valid_source_tokens: int, num_projections: int, dtype_bytes: int,
-                              rdm_max_samples: int | None = None, rdm_sort_budget: int | None = None) -> int:
+                              rdm_max_samples: int | None = None, rdm_sort_budget: int | None = None,
+                              rdm_directions: str = "orthogonal") -> int:
     """Bytes one group's transfer net and its RDM term keep for backward (inputs and parameters excluded),
     counted from the modules' saved tensors; a test holds this to the measured figure.
 
@@ -95,7 +96,9 @@ def transfer_activation_bytes(cfg: TransferNetConfig, modules: int, target_token
     values (2 M S d), the scores' softmax and mask (2 M h T S). Decoder: four d-wide tensors per target token,
     and the delta (D) that alpha scales. RDM per encoder output (n tokens, P projections): the rectified
     embedding (n d), the directions (d P), the projected difference (n P) and the sort indices (int64), with n
-    capped at ``rdm_max_samples`` (then also the kept rows' indices) and P as ``projections_for`` says."""
+    capped at ``rdm_max_samples`` (then also the kept rows' indices) and P as ``projections_for`` says; with
+    orthogonal directions past one block (P > d) and fewer rows than P, the d x d rotation too (the rows are
+    rotated before they meet the cached design)."""
     m, t, s, d, h = modules, target_tokens, source_tokens, cfg.embed_dim, cfg.num_heads
     big, n = cfg.block_size * cfg.rank, modules * (target_tokens + source_tokens)
     net = 2 * n * big + n * (7.25 * d + 4) + m * t * (5 * d + big) + 2 * m * s * d + 2 * m * h * t * s
@@ -105,6 +108,8 @@ def transfer_activation_bytes(cfg: TransferNetConfig, modules: int, target_token
     for k, cut in rows:
         p = projections_for(k, num_projections, rdm_sort_budget)
         rdm += dtype_bytes * (k * d + d * p + k * p) + 8 * k * p + (8 * k if cut else 0)
+        if rdm_directions == "orthogonal" and d < p and k < p:
+            rdm += dtype_bytes * d * d
     return int(dtype_bytes * net + rdm)
 
 
@@ -193,7 +198,8 @@ def check(spec: FusionSpec) -> dict:
     for g, t in tokens.items():
         t["activation_bytes"] = transfer_activation_bytes(cfgs[g], t["modules"], lengths[g][0], lengths[g][1],
                                                           t["source_tokens"], spec.method.num_projections, w_bytes,
-                                                          spec.method.rdm_max_samples, spec.method.rdm_sort_budget)
+                                                          spec.method.rdm_max_samples, spec.method.rdm_sort_budget,
+                                                          spec.method.rdm_directions)
     costs = plan_costs(plan, block)
     # every module's dB (and added-rank factors), fp32: the detached copies the target is patched with and
     # their gradients on every worker; owners also hold the two exchange buffers (gathered dB, averaged grads)

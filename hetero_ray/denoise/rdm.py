@@ -45,48 +45,57 @@ class _SortedMatch(torch.autograd.Function):
         return (diff * diff).mean()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         order, diff = ctx.saved_tensors
         g = diff * (2.0 * grad / diff.numel())
         return torch.empty_like(g).scatter_(-1, order, g), None
 
 
-def haar_columns(d: int, k: int, generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
-    """``k <= d`` orthonormal columns (d x k) drawn uniformly (Haar): QR of a Gaussian matrix with R's
-    diagonal made positive."""
-    q, r = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=dtype))
-    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(dtype)
+def _qr_dtype(dtype: torch.dtype) -> torch.dtype:
+    """QR runs in fp32 or fp64 (LAPACK has no half-precision QR); the result is cast back."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def haar_columns(d: int, k: int, generator: torch.Generator | None, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """``k <= d`` orthonormal columns (d x k) drawn uniformly (Haar): QR of a Gaussian matrix (drawn on the
+    CPU from ``generator``, factored on ``device``) with R's diagonal made positive."""
+    g = torch.randn(d, k, generator=generator, dtype=_qr_dtype(dtype)).to(device)
+    q, r = torch.linalg.qr(g)
+    return (q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)).to(dtype)
 
 
 @lru_cache(maxsize=8)
-def _design(d: int, blocks: int, dtype: torch.dtype) -> torch.Tensor:
-    """A fixed d x (blocks * d) set of unit vectors in orthonormal blocks (from a fixed seed), rotated at
-    every call of ``directions`` by a fresh Haar rotation."""
+def _design(d: int, blocks: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A fixed d x (blocks * d) set of unit vectors in orthonormal blocks (from a fixed seed, the same in
+    every process), rotated at every call of ``directions`` by a fresh Haar rotation; kept per device."""
     g = torch.Generator().manual_seed(0x5EED)
-    return torch.cat([haar_columns(d, d, g, dtype) for _ in range(blocks)], dim=1)
+    return torch.cat([haar_columns(d, d, g, dtype) for _ in range(blocks)], dim=1).to(device)
 
 
 def _direction_factors(d: int, p: int, generator: torch.Generator | None, dtype: torch.dtype,
-                       kind: Directions) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(rotation, design): the directions are ``rotation`` (d x min(p, d)) when ``design`` is None, else
-    ``rotation @ design`` (d x d times d x p); kept apart so that few rows can be rotated before they meet
-    the design (d^2 n + d p n multiply-adds instead of d^2 p + d p n)."""
+                       kind: Directions, device: torch.device | str = "cpu"
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rotation, design) on ``device``: the directions are ``rotation`` (d x min(p, d)) when ``design`` is
+    None, else ``rotation @ design`` (d x d times d x p); kept apart so that few rows can be rotated before
+    they meet the design (d^2 n + d p n multiply-adds instead of d^2 p + d p n)."""
     if kind == "iid":
         u = torch.randn(d, p, generator=generator, dtype=dtype)
-        return u / u.norm(dim=0, keepdim=True), None
+        return (u / u.norm(dim=0, keepdim=True)).to(device), None
     if p <= d:
-        return haar_columns(d, p, generator, dtype), None
-    return haar_columns(d, d, generator, dtype), _design(d, -(-p // d), dtype)[:, :p]
+        return haar_columns(d, p, generator, dtype, device), None
+    return haar_columns(d, d, generator, dtype, device), _design(d, -(-p // d), dtype, str(device))[:, :p]
 
 
 def directions(d: int, p: int, generator: torch.Generator | None, dtype: torch.dtype = torch.float32,
                kind: Directions = "orthogonal") -> torch.Tensor:
     """``p`` unit directions in ``d`` dimensions (d x p), each uniform on the sphere. ``iid``: independent,
     as the paper draws them. ``orthogonal``: in orthonormal blocks of ``d`` (a Haar draw when ``p <= d``;
-    beyond, one Haar rotation of a fixed set of orthonormal blocks). Every direction is still uniform on
-    the sphere, so the sliced estimate's expectation is the same; orthogonal directions leave no two of
-    them nearly parallel, which lowers its variance (orthogonal estimation of Wasserstein distances,
-    Rowland et al., AISTATS 2019; measured in ``tests/denoise/test_transfer_net.py``)."""
+    beyond, one Haar rotation of a fixed set of orthonormal blocks, so the blocks are not independent of
+    each other). Every direction is still uniform on the sphere, so the sliced estimate's expectation is the
+    same; within a block no two directions are alike, which lowers its variance (orthogonal estimation of
+    Wasserstein distances, Rowland et al., AISTATS 2019; measured by ``jobs/benchmark_rdm.py``)."""
     rotation, design = _direction_factors(d, p, generator, dtype, kind)
     return rotation if design is None else rotation @ design
 
@@ -140,7 +149,5 @@ def rdm(
     num_projections = projections_for(z.shape[0], num_projections, sort_budget)
     z_pos = F.relu(z)
     y_pos = F.relu(torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device) * sigma_target + mu_target)
-    rotation, design = _direction_factors(z.shape[1], num_projections, generator, z.dtype, kind)
-    rotation = rotation.to(z.device)
-    design = None if design is None else design.to(z.device)
+    rotation, design = _direction_factors(z.shape[1], num_projections, generator, z.dtype, kind, z.device)
     return _SortedMatch.apply(_project(z_pos, rotation, design), sort_rows(_project(y_pos, rotation, design)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hetero_ray.denoise.fusion import module_deltas
+from hetero_ray.denoise.fusion import group_rdm, module_deltas, rdm_generators
 from hetero_ray.io.adapters import LoraAdapter, read_adapter
 from hetero_ray.io.export import fused_tensors
 from hetero_ray.runners.local import fuse_local
@@ -71,6 +71,27 @@ def test_gradient_once_per_window_equals_per_micro_batch_gradient(zoo, tmp_path)
     assert fast.keys() == slow.keys() and len(fast) > 0
     for n in fast:
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-6)
+
+
+def test_the_objective_draws_rdm_as_the_spec_says(zoo, tmp_path):
+    """``method.rdm_directions`` reaches RDM through the objective: a window's RDM is group_rdm's with that
+    kind of directions, and the two kinds give different draws."""
+    for kind in ("iid", "orthogonal"):
+        spec = make_spec(zoo, tmp_path / kind, **{"method.rdm_directions": kind})
+        target, plan, block, groups = _setup(spec)
+        tok = load_tokenizer(spec.target.base)
+        net = build_net(spec, plan, block, groups, target)
+        obj = FusionObjective(load_target(spec.target.base, target), groups, spec.method,
+                              replay_examples(spec, tok), tok.pad_token_id, spec.seed)
+        _, metrics = obj.window(net, plan_windows(len(obj.examples), spec.training, spec.seed)[0])
+        m = spec.method
+        with torch.no_grad():
+            outputs = net(groups)
+            want = {k: float(group_rdm(outputs, groups, rdm_generators(spec.seed, 0, groups), m.mu_target,
+                                       m.sigma_target, m.num_projections, m.rdm_max_samples, m.rdm_sort_budget,
+                                       directions=k)) for k in ("iid", "orthogonal")}
+        assert metrics["rdm"] == pytest.approx(want[kind], rel=1e-5), (kind, metrics["rdm"], want)
+        assert abs(want["iid"] - want["orthogonal"]) > 1e-3 * want["iid"], want
 
 
 @pytest.fixture(scope="module")
