@@ -51,6 +51,24 @@ def build_zoo(root: Path, hidden: int, layers: int, n_sources: int, rank: int, s
     return zoo
 
 
+def add_rdm_arguments(ap: argparse.ArgumentParser) -> None:
+    """RDM's sort budget and directions, as benchmark jobs take them (see :func:`rdm_method`)."""
+    ap.add_argument("--rdm-sort-budget", type=int, default=0,
+                    help="RDM projected values per sort (default 0: the spec's default; -1: no budget)")
+    ap.add_argument("--rdm-directions", choices=["orthogonal", "iid"], default=None,
+                    help="RDM's directions (default: the spec's, orthogonal)")
+
+
+def rdm_method(args: argparse.Namespace) -> dict:
+    """The spec's method fields that :func:`add_rdm_arguments`' options ask for (none: the spec's defaults)."""
+    method = {}
+    if args.rdm_sort_budget:
+        method["rdm_sort_budget"] = None if args.rdm_sort_budget < 0 else args.rdm_sort_budget
+    if args.rdm_directions:
+        method["rdm_directions"] = args.rdm_directions
+    return method
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=256)
@@ -62,10 +80,7 @@ def main() -> None:
     ap.add_argument("--projections", type=int, default=None, help="RDM projections (default: the spec's, 2048)")
     ap.add_argument("--rdm-max-samples", type=int, default=0,
                     help="RDM rows per term (default 0: the spec's default; -1: every row)")
-    ap.add_argument("--rdm-sort-budget", type=int, default=0,
-                    help="RDM projected values per sort (default 0: the spec's default; -1: no budget)")
-    ap.add_argument("--rdm-directions", choices=["orthogonal", "iid"], default=None,
-                    help="RDM's directions (default: the spec's, orthogonal)")
+    add_rdm_arguments(ap)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the Ray workers' count is 1)")
     ap.add_argument("--shape", choices=["varied", "smollm2"], default="varied",
                     help="varied: each model its own width and depth; smollm2: SmolLM2-135M shapes, one base per "
@@ -109,15 +124,11 @@ def run(args: argparse.Namespace, root: Path) -> None:
     t0 = time.perf_counter()
     zoo = build_zoo(root, args.hidden, args.layers, args.sources, args.rank, args.shape)
     build_s = time.perf_counter() - t0
-    method = {}  # the spec's defaults unless asked
+    method = rdm_method(args)  # the spec's defaults unless asked
     if args.projections:
         method["num_projections"] = args.projections
     if args.rdm_max_samples:
         method["rdm_max_samples"] = None if args.rdm_max_samples < 0 else args.rdm_max_samples
-    if args.rdm_sort_budget:
-        method["rdm_sort_budget"] = None if args.rdm_sort_budget < 0 else args.rdm_sort_budget
-    if args.rdm_directions:
-        method["rdm_directions"] = args.rdm_directions
     spec = parse_spec({
         "output": str(root / "out"),
         "target": {"base": str(zoo["target-base"]), "adapter": str(zoo["target"])},

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.benchmark_pipeline import build_zoo  # noqa: E402
+from jobs.benchmark_pipeline import add_rdm_arguments, build_zoo, rdm_method  # noqa: E402
 
 PARTS = ("target", "nets_forward", "rdm", "nets_backward", "optimizer")
 MIB, GIB = 1 << 20, 1 << 30
@@ -133,10 +133,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8,
                     help="optimizer steps per run (the first is not timed; 3 timed steps vary too much to compare)")
     ap.add_argument("--repeats", type=int, default=2, help="alignment timing repeats (best of)")
-    ap.add_argument("--rdm-sort-budget", type=int, default=0,
-                    help="RDM projected values per sort (default 0: the spec's default; -1: no budget)")
-    ap.add_argument("--rdm-directions", choices=["orthogonal", "iid"], default=None,
-                    help="RDM's directions (default: the spec's, orthogonal)")
+    add_rdm_arguments(ap)
     ap.add_argument("--skip-ray-alignment", action="store_true", help="time alignment in-process only")
     ap.add_argument("--address", default=None, help="a running Ray cluster (default: a local instance)")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows here (JSON)")
@@ -157,13 +154,8 @@ def main() -> None:
     try:
         for n in [int(x) for x in args.sources.split(",")]:
             zoo = build_zoo(root / f"zoo{n}", args.hidden, args.layers, n, args.rank)
-            method = {}  # the spec's defaults unless asked
-            if args.rdm_sort_budget:
-                method["rdm_sort_budget"] = None if args.rdm_sort_budget < 0 else args.rdm_sort_budget
-            if args.rdm_directions:
-                method["rdm_directions"] = args.rdm_directions
             spec = parse_spec({
-                "output": str(root / "out"), "method": method,
+                "output": str(root / "out"), "method": rdm_method(args),
                 "target": {"base": str(zoo["target-base"]), "adapter": str(zoo["target"])},
                 "sources": [{"adapter": str(zoo[f"source{i}"])} for i in range(n)],
                 "replay": [{"path": str(zoo["replay"])}],
