@@ -16,7 +16,8 @@ layer-shuffled sources, and a wrong-task expert of the source family). Each trai
 over --lr-grid at the first seed, scored on a validation split carved from the training pools (never the test
 split, never in the replay or the prompts); the chosen lr is the one with the best source-task validation F1
 among those that keep the target task within 1 SE of target_only on validation. Then it runs once per seed at
-that lr.
+that lr. `--lr-of METHOD=LR` gives a method the lr an earlier sweep chose for it, so methods tuned apart are
+still compared pair by pair in one table.
 
 Statistics, computed here: F1 on >= 100 held-out test records per task (never seen in training); for each
 method and each control a paired bootstrap 95% CI over test records of (method - control), seeds averaged;
@@ -169,6 +170,9 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap.add_argument("--net", default="grounded", choices=["paper", "grounded"], help="heterofusion's transfer net")
     ap.add_argument("--lr", type=float, default=None, help="one lr for every trained run (no sweep)")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=None, help="the sweep (default: the size's)")
+    ap.add_argument("--lr-of", nargs="+", default=[], metavar="METHOD=LR",
+                    help="a given lr for these methods (e.g. the one an earlier sweep chose for them), not swept; "
+                         "the others take --lr or the sweep")
     ap.add_argument("--teach-n", type=int, default=None,
                     help="source-task prompts that teach (default: the size's; at most the pool less validation)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of every trained run (default: the size's)")
@@ -197,6 +201,17 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     if not seeds:
         ap.error("--seeds: at least one")
     grid = [args.lr] if args.lr else sorted(set(args.lr_grid or size["lr_grid"]))
+    given: dict[str, float] = {}
+    for item in args.lr_of:
+        name, _, value = item.partition("=")
+        try:
+            given[name] = float(value)
+        except ValueError:
+            ap.error(f"--lr-of {item!r}: expected METHOD=LR, e.g. random_sources=1e-3")
+        if name not in methods or name == "target_only":
+            ap.error(f"--lr-of {item!r}: {name!r} is not a trained method of this run ({' '.join(methods)})")
+        if given[name] <= 0:
+            ap.error(f"--lr-of {item!r}: the lr must be positive")
     objective, method_fields = json.loads(args.objective), json.loads(args.method)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -334,18 +349,19 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     # 1. lr sweep on the validation split, first seed; each trained method gets the lr it does best with
     t0 = time.perf_counter()
     trained = [m for m in methods if m != "target_only"]
+    swept_methods = [m for m in trained if m not in given]
     sweep: dict[str, dict[float, dict[str, float]]] = {}
-    chosen: dict[str, float] = {}
+    chosen: dict[str, float] = dict(given)
     target_val = se_val = None
-    if len(grid) > 1 and trained:
+    if len(grid) > 1 and swept_methods:
         c = evaluate("target_only-0", target_base, target_expert, [tt, st], "val")
         target_val, se_val = micro_f1(c[tt]), bootstrap_se([[tuple(x) for x in c[tt]]])
         log(f"validation target_only: {tt} {target_val:.3f} (1 SE {se_val:.3f}), {st} {micro_f1(c[st]):.3f}")
     if len(grid) == 1:
-        chosen = dict.fromkeys(trained, grid[0])
-    elif trained:
-        swept = train([(m, seeds[0], lr) for m in trained for lr in grid], "val")
-        for method in trained:
+        chosen.update(dict.fromkeys(swept_methods, grid[0]))
+    elif swept_methods:
+        swept = train([(m, seeds[0], lr) for m in swept_methods for lr in grid], "val")
+        for method in swept_methods:
             for lr in grid:
                 name = tag(method, seeds[0], lr)
                 c = evaluate(name, target_base, swept[name], [tt, st], "val", reuse=True)
@@ -419,6 +435,9 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
 
     lr_note = (f"lr per method from a sweep over {grid} on {size['val_n']} validation records per task"
                if len(grid) > 1 else f"lr {grid[0]:g} for every method")
+    if given:
+        lr_note = (f"lr given for {', '.join(f'{m} {lr:g}' for m, lr in given.items())} (--lr-of), for the others "
+                   + lr_note.replace(" for every method", ""))
     lines = [f"Target SmolLM2-135M with its {tt} expert; source Gemma-3-270M {st} expert; no {st} label in training "
              f"({len(teach_records)} {st} prompts teach, {size['replay_n']} labelled {tt} records "
              f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; {lr_note}; "
@@ -459,7 +478,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     md = "\n".join(lines) + "\n"
     (out / "results.md").write_text(md)
     settings = {"size": args.size, **size, "seeds": seeds, "lr_grid": grid, "objective": objective, "net": args.net,
-                "method": method_fields,
+                "method": method_fields, "lr_given": given,
                 "target_task": tt, "source_task": st, "wrong_task": wt, "target": str(target_base),
                 "source": str(source_base), "parallel": args.parallel, "threads": threads,
                 "device": args.device}

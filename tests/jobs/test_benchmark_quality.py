@@ -98,8 +98,16 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     # different: nothing is reused, and the runs train two at a time as a sweep on Ray, each evaluated in its
     # own task
     log = _run(bench_inputs, out, "--resume", "--seeds", "0", "--lr", "1e-3", "--parallel", "2", "--threads", "1",
-               "--teach-n", "4", "--epochs", "2", "--method", '{"rdm_directions": "iid"}')
+               "--teach-n", "4", "--epochs", "2", "--method", '{"rdm_directions": "iid"}',
+               "--lr-of", "zero_sources=3e-3")
     assert "reused" not in log
+    # a control at its own given lr is still compared pair by pair with the fused strategies
+    result = json.loads((out / "results.json").read_text())
+    assert result["lr"]["zero_sources"] == 3e-3 and result["lr"]["heterofusion"] == 1e-3
+    assert yaml.safe_load((out / "specs" / "zero_sources-lr0.003-0.yaml").read_text())["training"]["lr"] == 3e-3
+    assert "zero_sources" in result["verdicts"]["heterofusion"]["vs_controls"]
+    assert result["settings"]["lr_given"] == {"zero_sources": 3e-3}
+    assert "lr given for zero_sources 0.003 (--lr-of)" in (out / "results.md").read_text()
     spec = yaml.safe_load((out / "specs" / "heterofusion-0.yaml").read_text())  # 1e-3: the smoke size's lr
     assert spec["training"]["epochs"] == 2 and spec["method"]["rdm_directions"] == "iid"
     assert spec["teach"]["prompts"][0]["path"].endswith("mit-restaurant-prompts-4.jsonl")
@@ -112,6 +120,18 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     assert len({r["pid"] for r in table}) > 1 and os.getpid() not in {r["pid"] for r in table}
     assert all(set(r["metrics"]) == {"test mit-movie", "test mit-restaurant"} for r in table)
     assert weights.stat().st_mtime_ns == before  # seed 1 was not asked for
+
+
+@pytest.mark.parametrize("item, says", [("bogus=1e-3", "'bogus' is not a trained method"),
+                                        ("target_only=1e-3", "'target_only' is not a trained method"),
+                                        ("zero_sources", "expected METHOD=LR"),
+                                        ("zero_sources=-1", "must be positive")])
+def test_lr_of_refuses_what_it_cannot_use(tmp_path, item, says):
+    cmd = [sys.executable, "jobs/benchmark_quality.py", "--data", str(tmp_path), "--out", str(tmp_path / "out"),
+           "--methods", "target_only", "zero_sources", "--lr-of", item]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
 
 
 def test_paired_bootstrap_and_micro_f1():
