@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -170,7 +171,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap.add_argument("--net", default="grounded", choices=["paper", "grounded"], help="heterofusion's transfer net")
     ap.add_argument("--lr", type=float, default=None, help="one lr for every trained run (no sweep)")
     ap.add_argument("--lr-grid", type=float, nargs="+", default=None, help="the sweep (default: the size's)")
-    ap.add_argument("--lr-of", nargs="+", default=[], metavar="METHOD=LR",
+    ap.add_argument("--lr-of", nargs="+", action="extend", default=[], metavar="METHOD=LR",
                     help="a given lr for these methods (e.g. the one an earlier sweep chose for them), not swept; "
                          "the others take --lr or the sweep")
     ap.add_argument("--teach-n", type=int, default=None,
@@ -205,13 +206,16 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     for item in args.lr_of:
         name, _, value = item.partition("=")
         try:
-            given[name] = float(value)
+            lr = float(value)
         except ValueError:
             ap.error(f"--lr-of {item!r}: expected METHOD=LR, e.g. random_sources=1e-3")
         if name not in methods or name == "target_only":
             ap.error(f"--lr-of {item!r}: {name!r} is not a trained method of this run ({' '.join(methods)})")
-        if given[name] <= 0:
-            ap.error(f"--lr-of {item!r}: the lr must be positive")
+        if not (math.isfinite(lr) and lr > 0):
+            ap.error(f"--lr-of {item!r}: the lr must be a positive number")
+        if name in given:
+            ap.error(f"--lr-of {item!r}: {name} is given twice")
+        given[name] = lr
     objective, method_fields = json.loads(args.objective), json.loads(args.method)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -436,8 +440,9 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     lr_note = (f"lr per method from a sweep over {grid} on {size['val_n']} validation records per task"
                if len(grid) > 1 else f"lr {grid[0]:g} for every method")
     if given:
-        lr_note = (f"lr given for {', '.join(f'{m} {lr:g}' for m, lr in given.items())} (--lr-of), for the others "
-                   + lr_note.replace(" for every method", ""))
+        lr_note = (f"lr given for {', '.join(f'{m} {lr:g}' for m, lr in given.items())} (--lr-of)"
+                   + (", for the others " + lr_note.replace(" for every method", "")
+                      if any(m not in given for m in chosen) else ""))
     lines = [f"Target SmolLM2-135M with its {tt} expert; source Gemma-3-270M {st} expert; no {st} label in training "
              f"({len(teach_records)} {st} prompts teach, {size['replay_n']} labelled {tt} records "
              f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; {lr_note}; "

@@ -42,7 +42,7 @@ def _run(bench_inputs, out, *extra):
 @pytest.mark.timeout(1200)
 def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     out = tmp_path / "run"
-    log = _run(bench_inputs, out)
+    log = _run(bench_inputs, out, "--lr-of", "zero_sources=3e-3")
     result = json.loads((out / "results.json").read_text())
     assert set(result["scores"]) == set(METHODS)
     for method, per_task in result["scores"].items():
@@ -66,8 +66,12 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     assert set(result["reference"]) == {"mit-restaurant"}
     # target_only is the target's own expert, unchanged (not the bare base)
     assert Path(result["adapters"]["target_only"]["0"]).name.startswith("smollm2-mit-movie-")
-    # every trained method had its lr chosen on the validation split, from the grid, by the stated rule
-    assert set(result["lr"]) == set(METHODS) - {"target_only"} and set(result["sweep"]) == set(result["lr"])
+    # every trained method had its lr chosen on the validation split, from the grid, by the stated rule; but
+    # the one given its lr (--lr-of), which is not swept
+    assert set(result["lr"]) == set(METHODS) - {"target_only"}
+    assert set(result["sweep"]) == set(result["lr"]) - {"zero_sources"} and result["lr"]["zero_sources"] == 3e-3
+    assert "lr given for zero_sources 0.003 (--lr-of), for the others lr per method from a sweep" in \
+        (out / "results.md").read_text()
     for method, per_lr in result["sweep"].items():
         assert sorted(float(x) for x in per_lr) == [1e-3, 3e-3]
         assert result["lr"][method] in (1e-3, 3e-3)
@@ -92,8 +96,8 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     # chosen lr
     weights = next((out / "adapters").glob("heterofusion*-1")) / "adapter_model.safetensors"
     before = weights.stat().st_mtime_ns
-    log = _run(bench_inputs, out, "--resume")
-    assert log.count("reused") == 3 * (len(METHODS) - 1) and weights.stat().st_mtime_ns == before
+    log = _run(bench_inputs, out, "--resume", "--lr-of", "zero_sources=3e-3")
+    assert log.count("reused") == 3 * (len(METHODS) - 1) - 1 and weights.stat().st_mtime_ns == before
     # another count of prompts (in their own file: the spec names inputs by path) and of epochs make every spec
     # different: nothing is reused, and the runs train two at a time as a sweep on Ray, each evaluated in its
     # own task
@@ -104,7 +108,8 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     # a control at its own given lr is still compared pair by pair with the fused strategies
     result = json.loads((out / "results.json").read_text())
     assert result["lr"]["zero_sources"] == 3e-3 and result["lr"]["heterofusion"] == 1e-3
-    assert yaml.safe_load((out / "specs" / "zero_sources-lr0.003-0.yaml").read_text())["training"]["lr"] == 3e-3
+    zero = yaml.safe_load((out / "specs" / "zero_sources-lr0.003-0.yaml").read_text())  # retrained, 2 epochs
+    assert zero["training"]["lr"] == 3e-3 and zero["training"]["epochs"] == 2
     assert "zero_sources" in result["verdicts"]["heterofusion"]["vs_controls"]
     assert result["settings"]["lr_given"] == {"zero_sources": 3e-3}
     assert "lr given for zero_sources 0.003 (--lr-of)" in (out / "results.md").read_text()
@@ -125,10 +130,12 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
 @pytest.mark.parametrize("item, says", [("bogus=1e-3", "'bogus' is not a trained method"),
                                         ("target_only=1e-3", "'target_only' is not a trained method"),
                                         ("zero_sources", "expected METHOD=LR"),
-                                        ("zero_sources=-1", "must be positive")])
+                                        ("zero_sources=-1", "must be a positive number"),
+                                        ("zero_sources=nan", "must be a positive number"),
+                                        ("zero_sources=1e-3 --lr-of zero_sources=2e-3", "given twice")])
 def test_lr_of_refuses_what_it_cannot_use(tmp_path, item, says):
     cmd = [sys.executable, "jobs/benchmark_quality.py", "--data", str(tmp_path), "--out", str(tmp_path / "out"),
-           "--methods", "target_only", "zero_sources", "--lr-of", item]
+           "--methods", "target_only", "zero_sources", "--lr-of", *item.split()]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
