@@ -442,7 +442,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     if given:
         lr_note = (f"lr given for {', '.join(f'{m} {lr:g}' for m, lr in given.items())} (--lr-of)"
                    + (", for the others " + lr_note.replace(" for every method", "")
-                      if any(m not in given for m in chosen) else ""))
+                      if swept_methods else ""))
     lines = [f"Target SmolLM2-135M with its {tt} expert; source Gemma-3-270M {st} expert; no {st} label in training "
              f"({len(teach_records)} {st} prompts teach, {size['replay_n']} labelled {tt} records "
              f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; {lr_note}; "
