@@ -305,17 +305,56 @@ def test_ray_job_submit_produces_the_same_adapter(zoo, zero3_run, tmp_path, ray_
     assert status["status"] == "SUCCEEDED" and status["progress"] is not None
 
 
+def _bindable(port: int) -> bool:
+    """Whether nothing on this host listens on `port` (on any address: worker nodes bind the host's own)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _cluster_ports(rng, nodes: int) -> tuple[int, int] | None:
+    """A GCS port and a dashboard port for cluster/local_cluster.sh, every port it derives from them free, all
+    below the kernel's ephemeral range (32768+), where outgoing connections and other instances' randomly
+    chosen ports land, and above Ray's default worker ports (10002-19999), which a running instance holds."""
+    base = rng.randrange(20000, 22600, 100)  # the head's own ports are base+10000..+10099 <= 32699
+    dash = base + 10200
+    ports = [base, dash, *range(base + 10001, base + 10100)]
+    for i in range(1, nodes + 1):
+        ports += range(base + 100 * i + 1, base + 100 * i + 100)
+    return (base, dash) if all(_bindable(p) for p in ports) else None
+
+
 @pytest.fixture
 def local_cluster():
-    """cluster/local_cluster.sh: a head with 1 CPU and two worker nodes with 2 CPUs each, on this host."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-    env.update(HR_CLUSTER_DIR=f"/tmp/hrc-{os.getpid()}", HR_PORT=str(20000 + port % 20000),
-               HR_DASHBOARD_PORT=str(_free_port()), HR_HEAD_CPUS="1", HR_CPUS_PER_NODE="2",
-               RAY_BIN=str(Path(sys.executable).parent / "ray"), DS_ACCELERATOR="cpu")
+    """cluster/local_cluster.sh: a head with 1 CPU and two worker nodes with 2 CPUs each, on this host. A start
+    that fails (a port taken between the check and Ray's bind) is stopped and tried again on other ports, up to
+    three times; the last failure shows what the script and Ray's logs said."""
+    import random
+    rng = random.Random(os.getpid() ^ time.time_ns())
     script = str(ROOT / "cluster" / "local_cluster.sh")
-    subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
-    subprocess.run(["bash", script, "start", "2"], env=env, check=True, capture_output=True, timeout=120)
+    failures = []
+    for _ in range(3):
+        ports = next(filter(None, (_cluster_ports(rng, 2) for _ in range(50))), None)
+        assert ports is not None, "no free port range for a local cluster in 20000-32767"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        env.update(HR_CLUSTER_DIR=f"/tmp/hrc-{os.getpid()}", HR_PORT=str(ports[0]),
+                   HR_DASHBOARD_PORT=str(ports[1]), HR_HEAD_CPUS="1", HR_CPUS_PER_NODE="2",
+                   RAY_BIN=str(Path(sys.executable).parent / "ray"), DS_ACCELERATOR="cpu")
+        subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
+        started = subprocess.run(["bash", script, "start", "2"], env=env, capture_output=True, text=True,
+                                 timeout=120)
+        if started.returncode == 0:
+            break
+        logs = "".join(f"\n--- {f.name}\n{f.read_text()[-3000:]}"
+                       for f in sorted(Path(env["HR_CLUSTER_DIR"]).glob("*.log")))
+        failures.append(f"ports {ports}: exit {started.returncode}\n{started.stdout}{started.stderr}{logs}")
+        subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
+    else:
+        pytest.fail("cluster/local_cluster.sh start 2 failed three times:\n" + "\n".join(failures))
     yield f"http://127.0.0.1:{env['HR_DASHBOARD_PORT']}", env
     subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
 
