@@ -22,15 +22,22 @@ class Control(str, Enum):
     REPLAY_ONLY = "replay_only"  # no transfer networks, no teacher: the target's LoRA fine-tuned on the replay
     DISTILL_ONLY = "distill_only"  # no transfer networks: the target's LoRA trained on the same objective
     ADDED_RANK_ONLY = "added_rank_only"  # no transfer networks, the target's B kept: only the added rank trained
+    # distill_only with its teacher replaced: the matched controls of the direct strategy (no tokens to replace)
+    DISTILL_ZERO_SOURCES = "distill_zero_sources"
+    DISTILL_RANDOM_SOURCES = "distill_random_sources"
+    DISTILL_SPECTRUM_SOURCES = "distill_spectrum_sources"
+    DISTILL_SHUFFLED_LAYERS = "distill_shuffled_layers"
 
     @property
     def reads_sources(self) -> bool:
         """Whether the run has source candidates (transfer networks) at all."""
-        return self not in (Control.REPLAY_ONLY, Control.DISTILL_ONLY, Control.ADDED_RANK_ONLY)
+        return self not in (Control.REPLAY_ONLY, Control.DISTILL_ONLY, Control.ADDED_RANK_ONLY, *_DISTILL_TEACHER)
 
     @property
     def teacher(self) -> Control:
-        """What answers the teach: prompts: the control's replacement, or the real experts."""
+        """What answers the teach: prompts: the control's replacement (``distill_X``: X's), or the real experts."""
+        if self in _DISTILL_TEACHER:
+            return _DISTILL_TEACHER[self]
         return self if self.reads_sources else Control.NONE
 
     @property
@@ -43,6 +50,11 @@ class Control(str, Enum):
     def uses_teacher(self) -> bool:
         """Whether the run's objective keeps the terms that learn from the source experts' answers."""
         return self is not Control.REPLAY_ONLY
+
+
+# distill_only's controls -> the control whose teacher they learn from
+_DISTILL_TEACHER = {Control(f"distill_{c.value}"): c for c in (Control.ZERO_SOURCES, Control.RANDOM_SOURCES,
+                                                                 Control.SPECTRUM_SOURCES, Control.SHUFFLED_LAYERS)}
 
 
 def equal_norm_random(t: torch.Tensor, seed: int) -> torch.Tensor:

@@ -7,17 +7,18 @@ Target: SmolLM2-135M-Instruct with its own expert on --target-task; source: a Ge
 setting: no label of the source task anywhere in training. The replay holds --target-task records only; the
 source task's training inputs (outputs stripped) are the `teach:` prompts the source expert answers.
 
-Every trained method uses one spec (same objective, steps, added rank) and differs only in its strategy: the
-fused strategy (heterofusion with the grounded net), `distill_only` (the target's LoRA trained on the same
-objective without transfer networks), `added_rank_only` (only the added rank trained, the target's B kept: the
-part of heterofusion that is not its transfer networks; run it with --methods), and the retrained controls,
-whose source adapter is replaced everywhere, the teacher included (zero / random / spectrum-matched /
-layer-shuffled sources, and a wrong-task expert of the source family). Each trained method gets its own lr: a sweep
-over --lr-grid at the first seed, scored on a validation split carved from the training pools (never the test
-split, never in the replay or the prompts); the chosen lr is the one with the best source-task validation F1
-among those that keep the target task within 1 SE of target_only on validation. Then it runs once per seed at
-that lr. `--lr-of METHOD=LR` gives a method the lr an earlier sweep chose for it, so methods tuned apart are
-still compared pair by pair in one table.
+Every trained method uses one spec (same objective, steps, added rank) and differs only in its strategy: the fused
+strategy (heterofusion with the grounded net), `distill_only` (the target's LoRA trained on the same objective
+without transfer networks), `added_rank_only` (only the added rank trained, the target's B kept: the part of
+heterofusion that is not its transfer networks; run it with --methods), and the retrained controls, whose source
+adapter is replaced everywhere, the teacher included (zero / random / spectrum-matched / layer-shuffled sources,
+and a wrong-task expert of the source family): heterofusion's by default, and with --methods distill_only's own
+(`distill_zero_sources`, ..., `distill_wrong_task`: its teacher replaced). Each trained method gets its own lr: a
+sweep over --lr-grid at the first seed, scored on a validation split carved from the training pools (never the test
+split, never in the replay or the prompts); the chosen lr is the one with the best source-task validation F1 among
+those that keep the target task within 1 SE of target_only on validation. Then it runs once per seed at that lr.
+`--lr-of METHOD=LR` gives a method the lr an earlier sweep chose for it, so methods tuned apart are still compared
+pair by pair in one table.
 
 Statistics, computed here: F1 on >= 100 held-out test records per task (never seen in training); for each
 method and each control a paired bootstrap 95% CI over test records of (method - control), seeds averaged;
@@ -70,11 +71,15 @@ SIZES = {
                   val_n=4, lr_grid=[1e-3, 3e-3]),
 }
 FUSED = ["heterofusion", "distill_only"]  # the candidates for "the fused strategy"
+# the retrained controls: heterofusion's (source replaced in its tokens and its teacher), then distill_only's
+# (teacher replaced; run them with --methods). A fused strategy must beat every control the job ran.
 CONTROLS = ["zero_sources", "random_sources", "spectrum_sources", "shuffled_layers", "wrong_task_expert",
             "replay_only"]
+DISTILL_CONTROLS = ["distill_zero_sources", "distill_random_sources", "distill_spectrum_sources",
+                    "distill_shuffled_layers", "distill_wrong_task"]
 # benchmark methods that are a registered strategy run with another source: the source family's expert on
-# --wrong-task teaches (and gives the tokens) instead of the --source-task expert
-VARIANTS = {"wrong_task_expert": "heterofusion"}
+# --wrong-task teaches (and, for heterofusion, gives the tokens) instead of the --source-task expert
+VARIANTS = {"wrong_task_expert": "heterofusion", "distill_wrong_task": "distill_only"}
 # what heterofusion's transfer nets are compared with on the source task (the "Transfer nets vs" lines)
 NETS_BASELINES = ["distill_only", "added_rank_only"]
 DEFAULT_METHODS = ["target_only", *FUSED, *CONTROLS]
@@ -257,7 +262,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     target_expert = expert(target_base, "smollm2", tt, pools[tt])
     source_expert = expert(source_base, "gemma3", st, pools[st])
     wrong_expert = (expert(source_base, "gemma3", wt, split(args.data, wt, size["test_n"])[0])
-                    if "wrong_task_expert" in methods else None)
+                    if set(VARIANTS) & set(methods) else None)
     timings["experts_s"] = time.perf_counter() - t0
 
     # training data: labelled target-task replay; source-task inputs with their outputs removed
@@ -309,7 +314,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
 
     def overrides(method: str, seed: int, lr: float) -> dict:
         o = {"strategy": VARIANTS.get(method, method), "seed": seed, "training.lr": lr}
-        if method == "wrong_task_expert":
+        if method in VARIANTS:
             o["sources"] = [{"adapter": str(wrong_expert), "base": str(source_base), "id": f"gemma3-{wt}"}]
         return o
 
@@ -419,7 +424,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     se_tt = bootstrap_se(counts["target_only"][tt]) if "target_only" in counts else None
     verdicts = {}
     for m in (x for x in FUSED if x in counts):
-        vs = {c: paired_bootstrap(counts[m][st], counts[c][st]) for c in CONTROLS if c in counts}
+        vs = {c: paired_bootstrap(counts[m][st], counts[c][st]) for c in CONTROLS + DISTILL_CONTROLS if c in counts}
         gap = ((mean[m][st] - base_st) / (ref_f1 - base_st)) if base_st is not None and ref_f1 > base_st else None
         keeps = None if se_tt is None else mean[m][tt] >= mean["target_only"][tt] - se_tt
         beats = bool(vs) and all(v["lo"] > 0 for v in vs.values())
@@ -448,10 +453,10 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
              f"replay). F1 on {size['test_n']} held-out records per task, mean ± std over seeds {seeds}; {lr_note}; "
              f"objective {objective}, {size['epochs']} epoch(s), added rank {size['extra_rank']}, heterofusion net "
              f"{args.net}; "
-             f"wrong_task_expert: the Gemma-3 {wt} expert. ‖ΔW‖/‖W_t‖: the update's size against the target "
-             f"expert's (all modules, W = scale·B·A), and its two parts: in the target's ranks (dB, from the "
-             f"transfer nets or trained directly) and in the added rank. Teacher F1: the run's teacher's answers on "
-             f"the {st} prompts against their (unused) labels.", "",
+             f"wrong_task_expert / distill_wrong_task: the Gemma-3 {wt} expert. ‖ΔW‖/‖W_t‖: the update's size "
+             f"against the target expert's (all modules, W = scale·B·A), and its two parts: in the target's "
+             f"ranks (dB, from the transfer nets or trained directly) and in the added rank. Teacher F1: the run's "
+             f"teacher's answers on the {st} prompts against their (unused) labels.", "",
              f"| method | seeds | lr | ‖ΔW‖/‖W_t‖ | in target ranks | in added rank | teacher F1 | {tt} | {st} |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, per in scores.items():

@@ -12,7 +12,8 @@ import yaml
 from hetero_ray.contrib import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
-METHODS = ["target_only", "heterofusion", "distill_only", "added_rank_only", "zero_sources", "wrong_task_expert"]
+METHODS = ["target_only", "heterofusion", "distill_only", "added_rank_only", "zero_sources", "wrong_task_expert",
+           "distill_wrong_task"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     assert prompts and all("output" not in r for r in prompts)
     # the verdict is computed: paired CIs against the control, gap recovered, target kept
     v = result["verdicts"]["heterofusion"]
-    assert set(v["vs_controls"]) == {"zero_sources", "wrong_task_expert"}
+    assert set(v["vs_controls"]) == {"zero_sources", "wrong_task_expert", "distill_wrong_task"}
     assert v["vs_controls"]["zero_sources"]["lo"] <= v["vs_controls"]["zero_sources"]["diff"] <= \
         v["vs_controls"]["zero_sources"]["hi"]
     assert "Verdict:" in log and "Transfer nets vs distill_only" in (out / "results.md").read_text()
@@ -79,6 +80,10 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     wrong = yaml.safe_load(next((out / "specs").glob("wrong_task_expert-*0.yaml")).read_text())
     assert wrong["strategy"] == "heterofusion" and "gemma3-vehicles-" in wrong["sources"][0]["adapter"]
     assert wrong["sources"][0]["id"] == "gemma3-vehicles"
+    # and distill_only's own wrong-task control: the same expert as its teacher, no transfer networks
+    taught = yaml.safe_load(next((out / "specs").glob("distill_wrong_task-*0.yaml")).read_text())
+    assert taught["strategy"] == "distill_only" and taught["sources"] == wrong["sources"]
+    assert result["teacher_f1"]["distill_wrong_task"] is not None
     # update sizes: zero for the target's own expert, positive for every trained run
     assert result["update_ratio"]["target_only"][0] < 1e-6
     assert all(r > 0 for m, rs in result["update_ratio"].items() if m != "target_only" for r in rs)

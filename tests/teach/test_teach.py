@@ -91,6 +91,14 @@ def test_controls_replace_the_teacher_and_signals_are_cached(zoo, tmp_path):
     # distill_only learns from the real experts: it shares their cached signals
     direct = source_signals(spec.model_copy(update={"strategy": "distill_only"}), 0, adapter, cache_dir(spec))
     assert direct["cached"] and direct["key"] == real["key"]
+    # distill_only's controls learn from their control's teacher: the same cached signals, not the real ones
+    for strategy, twin in (("distill_zero_sources", zero), ("distill_random_sources", rand)):
+        taught = source_signals(spec.model_copy(update={"strategy": strategy}), 0, adapter, cache_dir(spec))
+        assert taught["cached"] and taught["key"] == twin["key"] and taught["items"] == twin["items"], strategy
+    spectrum = source_signals(spec.model_copy(update={"strategy": "distill_spectrum_sources"}), 0, adapter,
+                              cache_dir(spec))
+    assert not spectrum["cached"] and spectrum["key"] not in (real["key"], zero["key"], rand["key"])
+    assert [c[2] for it in spectrum["items"] for c in it["chunks"]] != excess
     # other prompts, another key
     other = teach_spec(zoo, tmp_path / "o", sources=("qwen2",),
                        teach={"prompts": [{"path": str(zoo["replay"]), "take": 3}], "max_new_tokens": 6})
@@ -145,6 +153,22 @@ def test_added_rank_adapter_loads_with_peft_and_matches_the_trained_model(zoo, t
         assert not torch.allclose(plain, exported(ids).logits)
         with patch.off():  # the reference of the retain and excess terms is the target as it was
             torch.testing.assert_close(patched(ids).logits, plain)
+
+
+def test_distill_controls_train_the_target_directly_on_their_controls_teacher(zoo, tmp_path):
+    """distill_zero_sources is distill_only with the bare base as teacher: no transfer networks, the zero-source
+    control's teacher signals, and another adapter than the real teacher gives."""
+    kw = dict(sources=("qwen2",), method={"num_projections": 16, "extra_rank": 2})
+    real = fuse_local(teach_spec(zoo, tmp_path / "a", strategy="distill_only", **kw))
+    zero = fuse_local(teach_spec(zoo, tmp_path / "b", strategy="distill_zero_sources", **kw))
+    reports = {n: json.loads((r.output / "fusion_report.json").read_text()) for n, r in (("real", real),
+                                                                                         ("zero", zero))}
+    assert reports["zero"]["transfer_nets"] == {} == reports["real"]["transfer_nets"]
+    assert [t["control"] for t in reports["zero"]["teacher"].values()] == ["zero_sources"]
+    assert [t["control"] for t in reports["real"]["teacher"].values()] == ["none"]
+    keys = [t["key"] for r in reports.values() for t in r["teacher"].values()]
+    assert len(set(keys)) == 2
+    assert any(not torch.equal(real.deltas[k], zero.deltas[k]) for k in real.deltas)
 
 
 def test_zero_sources_grounded_without_added_rank_leave_the_target_unchanged(zoo, tmp_path):
