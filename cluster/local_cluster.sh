@@ -37,6 +37,7 @@ start() {
   # shellcheck disable=SC2046
   "$RAY" start --head --port="$PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASH" \
     --num-cpus="$HEAD_CPUS" --temp-dir="$DIR/ray" --disable-usage-stats $(node_ports $((PORT + 10000))) \
+    --ray-client-server-port=$((PORT + 10007)) \
     >"$DIR/head.log" 2>&1 || { cat "$DIR/head.log" >&2; exit 1; }
   local gcs; gcs="$(grep -o "address='[^']*'" "$DIR/head.log" | head -1 | cut -d"'" -f2)"
   echo "$gcs" >"$DIR/gcs_address"

@@ -123,10 +123,12 @@ def strategies() -> None:
     """The registered strategies: name, kind, what it does, and its parameters (spec `params:`)."""
     from hetero_ray.strategies import describe
 
-    for s in describe():
-        click.echo(f"{s['name']:<16} {s['kind']:<8} {s['description']}")
+    described = describe()
+    width = max(len(s["name"]) for s in described)
+    for s in described:
+        click.echo(f"{s['name']:<{width}} {s['kind']:<8} {s['description']}")
         for name, f in s["params"].items():
-            click.echo(f"{'':<26}params.{name} (default {f['default']}): {f['description']}")
+            click.echo(f"{'':<{width + 10}}params.{name} (default {f['default']}): {f['description']}")
 
 
 @cli.command()

@@ -164,7 +164,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--target-task", default="mit-movie")
     ap.add_argument("--source-task", default="mit-restaurant")
-    ap.add_argument("--wrong-task", default="WikiANN_en", help="task of the wrong_task_expert control's expert")
+    ap.add_argument("--wrong-task", default="WikiANN_en", help="task of the expert teaching the wrong-task controls")
     ap.add_argument("--target", default="smollm2-135m", help="zoo name or local HF model directory")
     ap.add_argument("--source", default="gemma3-270m", help="zoo name or local HF model directory")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)

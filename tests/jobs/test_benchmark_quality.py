@@ -83,7 +83,11 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     # and distill_only's own wrong-task control: the same expert as its teacher, no transfer networks
     taught = yaml.safe_load(next((out / "specs").glob("distill_wrong_task-*0.yaml")).read_text())
     assert taught["strategy"] == "distill_only" and taught["sources"] == wrong["sources"]
-    assert result["teacher_f1"]["distill_wrong_task"] is not None
+    assert result["teacher_f1"]["distill_wrong_task"] == result["teacher_f1"]["wrong_task_expert"] is not None
+    keys = {m: [t["key"] for t in json.loads((next((out / "adapters").glob(f"{m}-*0")) / "fusion_report.json")
+                                             .read_text())["teacher"].values()]
+            for m in ("distill_wrong_task", "wrong_task_expert", "distill_only")}
+    assert keys["distill_wrong_task"] == keys["wrong_task_expert"] != keys["distill_only"]
     # update sizes: zero for the target's own expert, positive for every trained run
     assert result["update_ratio"]["target_only"][0] < 1e-6
     assert all(r > 0 for m, rs in result["update_ratio"].items() if m != "target_only" for r in rs)

@@ -345,13 +345,19 @@ def local_cluster():
                    HR_DASHBOARD_PORT=str(ports[1]), HR_HEAD_CPUS="1", HR_CPUS_PER_NODE="2",
                    RAY_BIN=str(Path(sys.executable).parent / "ray"), DS_ACCELERATOR="cpu")
         subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
-        started = subprocess.run(["bash", script, "start", "2"], env=env, capture_output=True, text=True,
-                                 timeout=120)
-        if started.returncode == 0:
-            break
-        logs = "".join(f"\n--- {f.name}\n{f.read_text()[-3000:]}"
-                       for f in sorted(Path(env["HR_CLUSTER_DIR"]).glob("*.log")))
-        failures.append(f"ports {ports}: exit {started.returncode}\n{started.stdout}{started.stderr}{logs}")
+        try:
+            started = subprocess.run(["bash", script, "start", "2"], env=env, capture_output=True, text=True,
+                                     timeout=120)
+            if started.returncode == 0:
+                break
+            said = f"exit {started.returncode}\n{started.stdout}{started.stderr}"
+        except subprocess.TimeoutExpired as e:  # a start stuck on a port: its processes are stopped below
+            said = f"no answer in 120 s\n{e.stdout or ''}{e.stderr or ''}"
+        cluster_dir = Path(env["HR_CLUSTER_DIR"])
+        logs = [*sorted(cluster_dir.glob("*.log")), *sorted((cluster_dir / "ray" / "session_latest" / "logs").glob(
+            "*.err")), *sorted((cluster_dir / "ray" / "session_latest" / "logs").glob("[rg]*.out"))]
+        failures.append(f"ports {ports}: {said}" + "".join(
+            f"\n--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in logs if f.is_file()))
         subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
     else:
         pytest.fail("cluster/local_cluster.sh start 2 failed three times:\n" + "\n".join(failures))
