@@ -46,10 +46,13 @@ for _name, _control, _desc in [
      "included), no transfer networks"),
     ("added_rank_only", Control.ADDED_RANK_ONLY, "baseline: only the added rank (method.extra_rank) trained on the "
      "same objective, the target's B kept (heterofusion without its transfer networks)"),
-    *[(c.value, c, f"control: distill_only taught by {what} (the {c.teacher.value} teacher)") for c, what in [
-        (Control.DISTILL_ZERO_SOURCES, "the bare source base"),
-        (Control.DISTILL_RANDOM_SOURCES, "the source base with a random adapter of equal norm"),
-        (Control.DISTILL_SPECTRUM_SOURCES, "the source adapter's singular values with random singular vectors"),
-        (Control.DISTILL_SHUFFLED_LAYERS, "the source adapter with its layers permuted")]],
+    ("distill_zero_sources", Control.DISTILL_ZERO_SOURCES,
+     "control: distill_only taught by the bare source base (the zero_sources teacher)"),
+    ("distill_random_sources", Control.DISTILL_RANDOM_SOURCES, "control: distill_only taught by the source base "
+     "with a random adapter of equal norm (the random_sources teacher)"),
+    ("distill_spectrum_sources", Control.DISTILL_SPECTRUM_SOURCES, "control: distill_only taught by the source "
+     "adapter's singular values with random singular vectors (the spectrum_sources teacher)"),
+    ("distill_shuffled_layers", Control.DISTILL_SHUFFLED_LAYERS,
+     "control: distill_only taught by the source adapter with its layers permuted (the shuffled_layers teacher)"),
 ]:
     register(HeteroFusion(_name, _control, _desc))

@@ -354,8 +354,9 @@ def local_cluster():
         except subprocess.TimeoutExpired as e:  # a start stuck on a port: its processes are stopped below
             said = f"no answer in 120 s\n{e.stdout or ''}{e.stderr or ''}"
         cluster_dir = Path(env["HR_CLUSTER_DIR"])
-        logs = [*sorted(cluster_dir.glob("*.log")), *sorted((cluster_dir / "ray" / "session_latest" / "logs").glob(
-            "*.err")), *sorted((cluster_dir / "ray" / "session_latest" / "logs").glob("[rg]*.out"))]
+        ray_logs = cluster_dir / "ray" / "session_latest" / "logs"
+        logs = [*sorted(cluster_dir.glob("*.log")), *sorted(ray_logs.glob("*.err")),
+                *sorted(ray_logs.glob("[rg]*.out"))]
         failures.append(f"ports {ports}: {said}" + "".join(
             f"\n--- {f.name}\n{f.read_text(errors='replace')[-2000:]}" for f in logs if f.is_file()))
         subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
