@@ -1,6 +1,6 @@
 """Does the fused adapter carry the source expert's knowledge? The transfer protocol on real models.
 
-    python jobs/benchmark_quality.py --data ../shared/data/uie --out runs/bench-transfer --resume
+    python jobs/benchmark_quality.py --data ../shared/data/uie --out runs/bench-quality --resume
 
 Target: SmolLM2-135M-Instruct with its own expert on --target-task; source: a Gemma-3-270M expert on
 --source-task (both bases from the PyPI GGUF zoo, experts trained here and cached by content hash). Headline
@@ -61,15 +61,21 @@ from hetero_ray.sweep import SweepRun, run_sweep  # noqa: E402
 from hetero_ray.train.replay import load_records  # noqa: E402
 
 SIZES = {
-    # 2 CPU cores: 19-27 min per trained run with its test evaluation, 2 runs at a time with 1 thread each
-    "cpu": dict(expert_steps=40, expert_batch=4, test_n=100, teach_n=120, replay_n=32, epochs=1, batch_size=4,
-                grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, lr=5e-4, seeds=[0, 1, 2, 3, 4],
-                val_n=50, lr_grid=[5e-4, 1e-3, 2e-3]),
+    # 2 CPU cores: 9-14 min per distill_only-form run with its test evaluation, 16-24 min per heterofusion-form
+    # run, 2 runs at a time with 1 thread each. 150 prompts for 2 epochs: the setting chosen on validation
+    # (docs/results.md, "More teaching signal"); until 2026-12-05 the default was 120 prompts for 1 epoch.
+    "cpu": dict(expert_steps=40, expert_batch=4, test_n=100, teach_n=150, replay_n=32, epochs=2, batch_size=4,
+                grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, seeds=[0, 1, 2, 3, 4],
+                val_n=50, lr_grid=[2.5e-4, 5e-4, 1e-3], name_lr=5e-4, name_teach_n=120),
     # tiny local models, seconds: exercises every stage (tests/jobs/test_benchmark_quality.py)
     "smoke": dict(expert_steps=3, expert_batch=2, test_n=6, teach_n=6, replay_n=4, epochs=1, batch_size=2,
-                  grad_accum=1, max_length=96, max_new_tokens=8, extra_rank=2, lr=1e-3, seeds=[0, 1],
-                  val_n=4, lr_grid=[1e-3, 3e-3]),
+                  grad_accum=1, max_length=96, max_new_tokens=8, extra_rank=2, seeds=[0, 1],
+                  val_n=4, lr_grid=[1e-3, 3e-3], name_lr=1e-3, name_teach_n=6),
 }
+# name_lr / name_teach_n: runs at this lr, and the prompts file of this many prompts, are named without the
+# number ("distill_only-0", "mit-restaurant-prompts"); others carry it ("distill_only-lr0.001-0",
+# "mit-restaurant-prompts-150"). Fixed, not the defaults, so that an --out directory of earlier runs keeps
+# its names whatever the defaults become (a run is reused by name and spec).
 FUSED = ["heterofusion", "distill_only"]  # the candidates for "the fused strategy"
 # the retrained controls: heterofusion's (source replaced in its tokens and its teacher), then distill_only's
 # (teacher replaced; run them with --methods). A fused strategy must beat every control the job ran.
@@ -197,7 +203,6 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     if unknown:
         ap.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted([*STRATEGIES, *VARIANTS])}")
     size = dict(SIZES[args.size])
-    defaults = dict(size)
     for key, value in (("teach_n", args.teach_n), ("epochs", args.epochs)):
         if value is not None:
             if value < 1:
@@ -269,7 +274,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     replay = write_jsonl(pools[tt][: size["replay_n"]], out / "data" / f"{tt}-replay.jsonl")
     teach_records = pools[st][: size["teach_n"]]
     # runs are reused by their spec, which names its inputs by path: prompts of another count get another file
-    prompts_name = f"{st}-prompts" + ("" if size["teach_n"] == defaults["teach_n"] else f"-{size['teach_n']}")
+    prompts_name = f"{st}-prompts" + ("" if size["teach_n"] == size["name_teach_n"] else f"-{size['teach_n']}")
     teach = write_jsonl([{k: v for k, v in r.items() if k != "output"} for r in teach_records],
                         out / "data" / f"{prompts_name}.jsonl")
     base_spec = {
@@ -286,7 +291,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     }
 
     def tag(method: str, seed: int, lr: float) -> str:  # runs at the size's default lr keep their old names
-        return f"{method}-{seed}" if lr == size["lr"] else f"{method}-lr{lr:g}-{seed}"
+        return f"{method}-{seed}" if lr == size["name_lr"] else f"{method}-lr{lr:g}-{seed}"
 
     reports: dict[str, dict] = {}
     eval_dir = out / "eval"
