@@ -63,7 +63,8 @@ from hetero_ray.train.replay import load_records  # noqa: E402
 SIZES = {
     # 2 CPU cores: 9-14 min per distill_only-form run with its test evaluation, 16-24 min per heterofusion-form
     # run, 2 runs at a time with 1 thread each. 150 prompts for 2 epochs: the setting chosen on validation
-    # (docs/results.md, "More teaching signal"); until 2026-12-05 the default was 120 prompts for 1 epoch.
+    # (docs/results.md, "More teaching signal"); before commit 436df1b the default was 120 prompts for 1
+    # epoch (grid 5e-4 1e-3 2e-3).
     "cpu": dict(expert_steps=40, expert_batch=4, test_n=100, teach_n=150, replay_n=32, epochs=2, batch_size=4,
                 grad_accum=1, max_length=192, max_new_tokens=48, extra_rank=8, seeds=[0, 1, 2, 3, 4],
                 val_n=50, lr_grid=[2.5e-4, 5e-4, 1e-3], name_lr=5e-4, name_teach_n=120),
@@ -166,7 +167,8 @@ def choose_lr(val: dict[float, dict[str, float]], target_val: float, se: float, 
 def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="directory of UIE task files (JSON lists)")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench-transfer"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-quality"),
+                    help="output directory (runs/bench-transfer holds runs at the defaults before 436df1b)")
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--target-task", default="mit-movie")
     ap.add_argument("--source-task", default="mit-restaurant")
@@ -290,7 +292,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         "overwrite": True,
     }
 
-    def tag(method: str, seed: int, lr: float) -> str:  # runs at the size's default lr keep their old names
+    def tag(method: str, seed: int, lr: float) -> str:  # runs at the size's name_lr are named without it
         return f"{method}-{seed}" if lr == size["name_lr"] else f"{method}-lr{lr:g}-{seed}"
 
     reports: dict[str, dict] = {}
