@@ -49,11 +49,26 @@ start() {
   echo "Ray cluster: head + $workers worker nodes, GCS $gcs; jobs and dashboard: http://127.0.0.1:$DASH"
 }
 
+kill_holders() {  # every process with a file open under $DIR (its Ray logs), but this script and its callers
+  [ -d /proc ] || return 0
+  local sig=$1 keep=" " p=$$ pid
+  while [ "${p:-1}" -gt 1 ]; do
+    keep+="$p "; p="$(awk '/^PPid:/ {print $2}' "/proc/$p/status" 2>/dev/null || true)"
+  done
+  for pid in $(find /proc/[0-9]*/fd -maxdepth 1 -lname "$DIR/*" -printf '%h\n' 2>/dev/null | cut -d/ -f3 | sort -u); do
+    if [[ "$keep" != *" $pid "* ]]; then kill -s "$sig" "$pid" 2>/dev/null || true; fi
+  done
+}
+
 stop() {
-  # every process of this cluster carries its temp dir on its command line
+  # the cluster's processes carry its temp dir on their command line, but those that rename themselves
+  # (ray::DashboardAgent, ray::RuntimeEnvAgent, whose title also overwrites their environment) or are started
+  # without it (the client server): every one of them holds its log files open under the temp dir
   pkill -f "$DIR/ray" || true
+  kill_holders TERM
   sleep 2
   pkill -9 -f "$DIR/ray" || true
+  kill_holders KILL
   rm -rf "$DIR"
   echo "stopped the cluster in $DIR"
 }

@@ -364,6 +364,21 @@ def local_cluster():
         pytest.fail("cluster/local_cluster.sh start 2 failed three times:\n" + "\n".join(failures))
     yield f"http://127.0.0.1:{env['HR_DASHBOARD_PORT']}", env
     subprocess.run(["bash", script, "stop"], env=env, capture_output=True)
+    # nothing of the cluster outlives stop: Ray's agents rename themselves and once survived it, spinning a core
+    left = _cluster_processes(env["HR_CLUSTER_DIR"])
+    assert not left, f"local_cluster.sh stop left processes of the cluster running: {left}"
+
+
+def _cluster_processes(cluster_dir: str) -> list[str]:
+    """'pid name' of every live process holding a file open under ``cluster_dir`` (its Ray logs)."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if any(os.readlink(fd).startswith(cluster_dir + "/") for fd in (proc / "fd").iterdir()):
+                out.append(f"{proc.name} {(proc / 'comm').read_text().strip()}")
+        except OSError:
+            continue
+    return out
 
 
 def test_multi_node_cluster_runs_one_worker_per_node_and_gives_the_same_adapter(zoo, zero3_run, tmp_path,
