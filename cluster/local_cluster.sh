@@ -62,8 +62,8 @@ kill_holders() {  # every process with a file open under $DIR (its Ray logs), bu
 
 stop() {
   # the cluster's processes carry its temp dir on their command line, but those that rename themselves
-  # (ray::DashboardAgent, ray::RuntimeEnvAgent, whose title also overwrites their environment) or are started
-  # without it (the client server): every one of them holds its log files open under the temp dir
+  # (ray::DashboardAgent, ray::RuntimeEnvAgent) or are started without it (the client server): every one of
+  # them holds its log files open under the temp dir
   pkill -f "$DIR/ray" || true
   kill_holders TERM
   sleep 2
