@@ -46,3 +46,8 @@ def test_benchmark_pipeline_align_only_times_alignment_against_the_raw_read(tmp_
     table = _run(tmp_path, "--align-only")
     assert table["raw_read_MBps"] > 0 and table["alignment_MBps"] > 0 and table["candidates"] > 0
     assert table["alignment_over_raw_time"] > 0 and "step_s" not in table
+    parts = table["alignment_parts_s"]  # the stages' timers, each inside the pass they split
+    assert all(parts[k] > 0 for k in ("open", "read", "rows_and_singular_values", "eigenvalues", "raw_read"))
+    assert parts["eigenvalues"] <= parts["rows_and_singular_values"]
+    assert parts["open"] + parts["read"] + parts["rows_and_singular_values"] + parts["other"] == pytest.approx(
+        parts["total"], abs=1e-3)
