@@ -100,6 +100,21 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def align_pass(spec):
+    """One in-process alignment pass as the runners make it: open the adapters and plan, then every source's
+    candidates. Returns (seconds spent opening, the plan, the block size, the number of candidates)."""
+    from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target, resolve_block_size
+
+    t0 = time.perf_counter()
+    _, ttopo = open_target(spec)
+    sources = [open_source(spec, i) for i in range(len(spec.sources))]
+    plan = alignment_plan(spec, ttopo, [t for _, t in sources])
+    block = resolve_block_size(spec, plan)
+    open_s = time.perf_counter() - t0
+    n_cand = sum(1 for i, (a, t) in enumerate(sources) for _ in candidates_of(spec, plan, i, a, t, block))
+    return open_s, plan, block, n_cand
+
+
 def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
     """Where an in-process alignment pass spends its time, by timers around its stages (``repeats`` more
     passes after the timed ones; the fastest pass's parts): opening (configs, headers, plan), reading the
@@ -107,7 +122,6 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
     eigenproblems), and the rest (rank harmonization, controls, scaling, candidates). Beside them, the raw
     read of the same files from the timed passes."""
     from hetero_ray.io import adapters
-    from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target, resolve_block_size
     from hetero_ray.tokens import blocks, candidates
 
     spent = {"read": 0.0, "rows_and_singular_values": 0.0, "eigenvalues": 0.0}
@@ -130,16 +144,9 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
         for obj, name, key in patches:
             setattr(obj, name, timed(getattr(obj, name), key))
         for _ in range(max(1, repeats)):
+            spent.update(dict.fromkeys(spent, 0.0))
             t0 = time.perf_counter()
-            _, ttopo = open_target(spec)
-            sources = [open_source(spec, i) for i in range(len(spec.sources))]
-            plan = alignment_plan(spec, ttopo, [t for _, t in sources])
-            block = resolve_block_size(spec, plan)
-            open_s = time.perf_counter() - t0
-            spent.update(dict.fromkeys(spent, 0.0))  # what opening read is opening's
-            for i, (a, t) in enumerate(sources):
-                for _ in candidates_of(spec, plan, i, a, t, block):
-                    pass
+            open_s = align_pass(spec)[0]  # opening reads headers only, no tensor: the parts do not overlap
             total = time.perf_counter() - t0
             parts = {"total": total, "open": open_s, **spent,
                      "other": total - open_s - spent["read"] - spent["rows_and_singular_values"]}
@@ -162,15 +169,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
     from hetero_ray.denoise.fusion import group_rdm
     from hetero_ray.denoise.rdm import projections_for
     from hetero_ray.runners.local import fuse_local
-    from hetero_ray.runners.prepare import (
-        alignment_plan,
-        build_net,
-        candidates_of,
-        open_source,
-        open_target,
-        prepare_groups,
-        resolve_block_size,
-    )
+    from hetero_ray.runners.prepare import build_net, prepare_groups
     from hetero_ray.spec import parse_spec
 
     t0 = time.perf_counter()
@@ -199,11 +198,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
             load_file(str(f))
         raw.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        _, ttopo = open_target(spec)
-        sources = [open_source(spec, i) for i in range(len(spec.sources))]
-        plan = alignment_plan(spec, ttopo, [t for _, t in sources])
-        block = resolve_block_size(spec, plan)
-        n_cand = sum(1 for i, (a, t) in enumerate(sources) for _ in candidates_of(spec, plan, i, a, t, block))
+        _, plan, block, n_cand = align_pass(spec)
         aligned.append(time.perf_counter() - t0)
     raw_s, align_s = min(raw), min(aligned)
     table = {
