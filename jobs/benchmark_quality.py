@@ -18,7 +18,8 @@ sweep over --lr-grid at the first seed, scored on a validation split carved from
 split, never in the replay or the prompts); the chosen lr is the one with the best source-task validation F1 among
 those that keep the target task within 1 SE of target_only on validation. Then it runs once per seed at that lr.
 `--lr-of METHOD=LR` gives a method the lr an earlier sweep chose for it, so methods tuned apart are still compared
-pair by pair in one table.
+pair by pair in one table. `--report-only` prints the table and verdict from the runs these settings need when
+every one is finished, and otherwise names those that are not and trains nothing.
 
 Statistics, computed here: F1 on >= 100 held-out test records per task (never seen in training); for each
 method and each control a paired bootstrap 95% CI over test records of (method - control), seeds averaged;
@@ -196,10 +197,14 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
     ap.add_argument("--address", default=None, help="the Ray cluster of the sweep (default: a local instance with "
                                                      "--parallel x --threads CPUs)")
     ap.add_argument("--resume", action="store_true", help="reuse what an earlier run of the same settings finished")
+    ap.add_argument("--report-only", action="store_true",
+                    help="the table and verdict from finished runs only (implies --resume): train nothing, and exit "
+                         "non-zero naming every run these settings need that is not finished")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: every core, at most 4; 1 leaves a core free)")
     args = ap.parse_args()
+    args.resume = args.resume or args.report_only
     methods = args.methods if args.methods is not None else DEFAULT_METHODS
     unknown = set(methods) - set(STRATEGIES) - set(VARIANTS)
     if unknown:
@@ -329,6 +334,14 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         """Train (or reuse) each (method, seed, lr) as one sweep, each run evaluated on ``which`` split in its own
         task; returns name -> adapter. Runs finished earlier in this invocation are reused, not logged again."""
         runs = [SweepRun(tag(m, seed, lr), overrides(m, seed, lr)) for m, seed, lr in keys]
+        if args.report_only:
+            from hetero_ray.strategies import completed
+            from hetero_ray.sweep import sweep_specs
+
+            missing = [name for name, spec in sweep_specs(base_spec, runs, out).items() if not completed(spec)]
+            if missing:
+                raise SystemExit(f"--report-only: {len(missing)} run(s) of these settings not finished in {out}: "
+                                 f"{', '.join(missing)} (without --report-only they are trained)")
 
         def after(spec, output: Path) -> dict:  # in the run's own process
             torch.set_num_threads(threads)
@@ -349,7 +362,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
 
         result = run_sweep(base_spec, runs, out, address=args.address, cpus_per_run=threads,
                            gpus_per_run=1 / args.parallel if args.device == "cuda" else 0,
-                           use_ray=args.parallel > 1, after=after,
+                           use_ray=args.parallel > 1 and not args.report_only, after=after,
                            resume=True if args.resume else set(reports), on_row=on_row)
         if result.failed:
             raise SystemExit("runs failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in result.failed))
@@ -357,7 +370,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
             reports[row["name"]] = json.loads(Path(row["report"]).read_text())
         return {row["name"]: Path(row["output"]) for row in result.rows}
 
-    if args.parallel > 1:
+    if args.parallel > 1 and not args.report_only:
         from hetero_ray.runners.ray.driver import ensure_ray
 
         ensure_ray(args.address, num_cpus=args.parallel * threads)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,23 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     before = weights.stat().st_mtime_ns
     log = _run(bench_inputs, out, "--resume", "--lr-of", "zero_sources=3e-3")
     assert log.count("reused") == 3 * (len(METHODS) - 1) - 1 and weights.stat().st_mtime_ns == before
+    # --report-only prints the same table from the finished runs, and trains nothing: with a seed not run, it
+    # exits non-zero naming that seed's runs, and leaves no trace of them
+    shown = json.loads((out / "results.json").read_text())
+    _run(bench_inputs, out, "--report-only", "--lr-of", "zero_sources=3e-3")
+    again = json.loads((out / "results.json").read_text())
+    assert {r["status"] for r in json.loads((out / "sweep.json").read_text())["rows"]} == {"reused"}
+    assert (again["scores"], again["verdicts"]) == (shown["scores"], shown["verdicts"])
+    root, target, source, data = bench_inputs
+    proc = subprocess.run([sys.executable, "jobs/benchmark_quality.py", "--data", str(data), "--out", str(out),
+                           "--size", "smoke", "--target", str(target), "--source", str(source), "--device", "cpu",
+                           "--wrong-task", "vehicles", "--methods", *METHODS, "--lr-of", "zero_sources=3e-3",
+                           "--seeds", "0", "1", "2", "--report-only"],
+                          cwd=ROOT, env={**os.environ, "HETERO_RAY_CACHE": str(root / "cache")},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--report-only: 6 run(s) of these settings not finished" in proc.stderr
+    assert all(re.search(rf"\b{m}-(lr[0-9.e-]+-)?2\b", proc.stderr) for m in METHODS if m != "target_only")
+    assert not list((out / "adapters").glob("*-2")) and not list((out / "specs").glob("*-2.yaml"))
     # another count of prompts (in their own file: the spec names inputs by path) and of epochs make every spec
     # different: nothing is reused, and the runs train two at a time as a sweep on Ray, each evaluated in its
     # own task
