@@ -55,7 +55,7 @@ from hetero_ray.contrib.evaluate import (  # noqa: E402
     paired_bootstrap,
     task_kind,
 )
-from hetero_ray.contrib.experts import ExpertSettings, cached_expert  # noqa: E402
+from hetero_ray.contrib.experts import EXPERT_CARD, ExpertSettings, cached_expert, expert_key  # noqa: E402
 from hetero_ray.contrib.zoo import get_model  # noqa: E402
 from hetero_ray.strategies import STRATEGIES  # noqa: E402
 from hetero_ray.sweep import SweepRun, run_sweep  # noqa: E402
@@ -198,13 +198,16 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
                                                      "--parallel x --threads CPUs)")
     ap.add_argument("--resume", action="store_true", help="reuse what an earlier run of the same settings finished")
     ap.add_argument("--report-only", action="store_true",
-                    help="the table and verdict from finished runs only (implies --resume): train nothing, and exit "
-                         "non-zero naming every run these settings need that is not finished")
+                    help="the table and verdict from finished runs only (implies --resume): train nothing; when a "
+                         "run these settings need is not finished with them, exit non-zero naming it (the lr sweep's "
+                         "runs first, when the sweep is not finished)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: every core, at most 4; 1 leaves a core free)")
     args = ap.parse_args()
     args.resume = args.resume or args.report_only
+    if args.report_only and not (args.out / "adapters").is_dir():
+        ap.error(f"--report-only: {args.out} holds no finished run (no adapters/ folder)")
     methods = args.methods if args.methods is not None else DEFAULT_METHODS
     unknown = set(methods) - set(STRATEGIES) - set(VARIANTS)
     if unknown:
@@ -264,6 +267,11 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         settings = ExpertSettings(rank=8, alpha=16, targets=TARGET_MODULES, steps=size["expert_steps"], lr=5e-4,
                                   batch_size=size["expert_batch"], max_length=size["max_length"], seed=0,
                                   extra={"task": task, "family": family})
+        if args.report_only:  # trains nothing: the expert must be in the cache already
+            found = Path(cache) / f"{family}-{task}-{expert_key(base, records, settings)}"
+            if not (found / EXPERT_CARD).is_file():
+                raise SystemExit(f"--report-only: the {family} expert of {task} is not in {cache} (no run of these "
+                                 "settings finished here; without --report-only it is trained)")
         path, card = cached_expert(cache, f"{family}-{task}", base, records, settings, device=args.device)
         log(f"expert {family}/{task}: loss {card['loss_first']:.3f} -> {card['loss_last']:.3f}"
             f"{' (cached)' if card.get('cached') else ''}")
@@ -340,7 +348,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
 
             missing = [name for name, spec in sweep_specs(base_spec, runs, out).items() if not completed(spec)]
             if missing:
-                raise SystemExit(f"--report-only: {len(missing)} run(s) of these settings not finished in {out}: "
+                raise SystemExit(f"--report-only: {len(missing)} run(s) not finished with these settings in {out}: "
                                  f"{', '.join(missing)} (without --report-only they are trained)")
 
         def after(spec, output: Path) -> dict:  # in the run's own process

@@ -122,9 +122,18 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
                            "--seeds", "0", "1", "2", "--report-only"],
                           cwd=ROOT, env={**os.environ, "HETERO_RAY_CACHE": str(root / "cache")},
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "--report-only: 6 run(s) of these settings not finished" in proc.stderr
+    assert proc.returncode != 0 and "--report-only: 6 run(s) not finished with these settings" in proc.stderr
     assert all(re.search(rf"\b{m}-(lr[0-9.e-]+-)?2\b", proc.stderr) for m in METHODS if m != "target_only")
     assert not list((out / "adapters").glob("*-2")) and not list((out / "specs").glob("*-2.yaml"))
+    # nor does it train an expert that is not in the cache, or start on a folder that holds no run
+    for where, says in ((out, "expert of mit-movie is not in"), (tmp_path / "none", "holds no finished run")):
+        proc = subprocess.run([sys.executable, "jobs/benchmark_quality.py", "--data", str(data), "--out", str(where),
+                               "--size", "smoke", "--target", str(target), "--source", str(source), "--device",
+                               "cpu", "--wrong-task", "vehicles", "--methods", *METHODS, "--report-only"],
+                              cwd=ROOT, env={**os.environ, "HETERO_RAY_CACHE": str(tmp_path / "empty-cache")},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and says in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "none").exists() and not (tmp_path / "empty-cache").exists()
     # another count of prompts (in their own file: the spec names inputs by path) and of epochs make every spec
     # different: nothing is reused, and the runs train two at a time as a sweep on Ray, each evaluated in its
     # own task
