@@ -55,7 +55,7 @@ from hetero_ray.contrib.evaluate import (  # noqa: E402
     paired_bootstrap,
     task_kind,
 )
-from hetero_ray.contrib.experts import EXPERT_CARD, ExpertSettings, cached_expert, expert_key  # noqa: E402
+from hetero_ray.contrib.experts import ExpertSettings, cached_expert  # noqa: E402
 from hetero_ray.contrib.zoo import get_model  # noqa: E402
 from hetero_ray.strategies import STRATEGIES  # noqa: E402
 from hetero_ray.sweep import SweepRun, run_sweep  # noqa: E402
@@ -267,12 +267,12 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         settings = ExpertSettings(rank=8, alpha=16, targets=TARGET_MODULES, steps=size["expert_steps"], lr=5e-4,
                                   batch_size=size["expert_batch"], max_length=size["max_length"], seed=0,
                                   extra={"task": task, "family": family})
-        if args.report_only:  # trains nothing: the expert must be in the cache already
-            found = Path(cache) / f"{family}-{task}-{expert_key(base, records, settings)}"
-            if not (found / EXPERT_CARD).is_file():
-                raise SystemExit(f"--report-only: the {family} expert of {task} is not in {cache} (no run of these "
-                                 "settings finished here; without --report-only it is trained)")
-        path, card = cached_expert(cache, f"{family}-{task}", base, records, settings, device=args.device)
+        try:  # --report-only trains nothing: the expert must be in the cache already
+            path, card = cached_expert(cache, f"{family}-{task}", base, records, settings, device=args.device,
+                                       train=not args.report_only)
+        except FileNotFoundError:
+            raise SystemExit(f"--report-only: the {family} expert of {task} is not in {cache} (no run of these "
+                             "settings finished here; without --report-only it is trained)") from None
         log(f"expert {family}/{task}: loss {card['loss_first']:.3f} -> {card['loss_last']:.3f}"
             f"{' (cached)' if card.get('cached') else ''}")
         return path

@@ -99,8 +99,9 @@ def train_expert(base: str | Path, records: Sequence[dict], out_dir: str | Path,
 
 def cached_expert(cache: str | Path, name: str, base: str | Path, records: Sequence[dict],
                   settings: ExpertSettings, on_step: Callable[[dict], None] | None = None,
-                  device: str = "cpu") -> tuple[Path, dict]:
-    """The expert for (base, records, settings) under ``cache``/NAME-KEY, trained only if not there yet."""
+                  device: str = "cpu", train: bool = True) -> tuple[Path, dict]:
+    """The expert for (base, records, settings) under ``cache``/NAME-KEY, trained only if not there yet
+    (``train=False``: FileNotFoundError naming the folder instead)."""
     key = expert_key(base, records, settings)
     out = Path(cache) / f"{name}-{key}"
     card_path = out / EXPERT_CARD
@@ -108,4 +109,6 @@ def cached_expert(cache: str | Path, name: str, base: str | Path, records: Seque
         card = json.loads(card_path.read_text())
         card["cached"] = True
         return out, card
+    if not train:
+        raise FileNotFoundError(f"{out}: no trained expert there ({EXPERT_CARD} missing)")
     return out, train_expert(base, records, out, settings, on_step, device, overwrite=True)

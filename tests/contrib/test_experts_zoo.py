@@ -29,6 +29,11 @@ def test_expert_trains_and_is_cached_by_content(zoo, tmp_path):
     assert adapted == {"q_proj", "v_proj"}
     again, card2 = cached_expert(tmp_path, "llama-movie", zoo["llama-base"], records, settings)
     assert again == path and card2["cached"]
+    # train=False finds a cached expert, and refuses one that is not there without making its folder
+    assert cached_expert(tmp_path, "llama-movie", zoo["llama-base"], records, settings, train=False)[0] == path
+    with pytest.raises(FileNotFoundError, match="no trained expert there"):
+        cached_expert(tmp_path, "llama-other", zoo["llama-base"], records[:-1], settings, train=False)
+    assert not list(tmp_path.glob("llama-other-*"))
     # any change of data or settings is another expert
     assert expert_key(zoo["llama-base"], records[:-1], settings) != card["key"]
     assert expert_key(zoo["llama-base"], records, ExpertSettings(rank=8)) != card["key"]

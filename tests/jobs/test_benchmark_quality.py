@@ -30,13 +30,18 @@ def bench_inputs(tmp_path_factory):
     return root, target, source, data
 
 
-def _run(bench_inputs, out, *extra):
+def _job(bench_inputs, out, *extra, cache=None):
+    """The job on the tiny inputs (experts cached in the fixture's folder unless ``cache``), its process."""
     root, target, source, data = bench_inputs
     cmd = [sys.executable, "jobs/benchmark_quality.py", "--data", str(data), "--out", str(out), "--size", "smoke",
            "--target", str(target), "--source", str(source), "--device", "cpu", "--wrong-task", "vehicles",
            "--methods", *METHODS, *extra]
-    env = {**os.environ, "HETERO_RAY_CACHE": str(root / "cache")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "HETERO_RAY_CACHE": str(cache or root / "cache")}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _run(bench_inputs, out, *extra):
+    proc = _job(bench_inputs, out, *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -115,23 +120,13 @@ def test_benchmark_job_runs_the_protocol_and_resumes(bench_inputs, tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert {r["status"] for r in json.loads((out / "sweep.json").read_text())["rows"]} == {"reused"}
     assert (again["scores"], again["verdicts"]) == (shown["scores"], shown["verdicts"])
-    root, target, source, data = bench_inputs
-    proc = subprocess.run([sys.executable, "jobs/benchmark_quality.py", "--data", str(data), "--out", str(out),
-                           "--size", "smoke", "--target", str(target), "--source", str(source), "--device", "cpu",
-                           "--wrong-task", "vehicles", "--methods", *METHODS, "--lr-of", "zero_sources=3e-3",
-                           "--seeds", "0", "1", "2", "--report-only"],
-                          cwd=ROOT, env={**os.environ, "HETERO_RAY_CACHE": str(root / "cache")},
-                          capture_output=True, text=True, timeout=300)
+    proc = _job(bench_inputs, out, "--lr-of", "zero_sources=3e-3", "--seeds", "0", "1", "2", "--report-only")
     assert proc.returncode != 0 and "--report-only: 6 run(s) not finished with these settings" in proc.stderr
     assert all(re.search(rf"\b{m}-(lr[0-9.e-]+-)?2\b", proc.stderr) for m in METHODS if m != "target_only")
     assert not list((out / "adapters").glob("*-2")) and not list((out / "specs").glob("*-2.yaml"))
     # nor does it train an expert that is not in the cache, or start on a folder that holds no run
     for where, says in ((out, "expert of mit-movie is not in"), (tmp_path / "none", "holds no finished run")):
-        proc = subprocess.run([sys.executable, "jobs/benchmark_quality.py", "--data", str(data), "--out", str(where),
-                               "--size", "smoke", "--target", str(target), "--source", str(source), "--device",
-                               "cpu", "--wrong-task", "vehicles", "--methods", *METHODS, "--report-only"],
-                              cwd=ROOT, env={**os.environ, "HETERO_RAY_CACHE": str(tmp_path / "empty-cache")},
-                              capture_output=True, text=True, timeout=300)
+        proc = _job(bench_inputs, where, "--report-only", cache=tmp_path / "empty-cache")
         assert proc.returncode != 0 and says in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "none").exists() and not (tmp_path / "empty-cache").exists()
     # another count of prompts (in their own file: the spec names inputs by path) and of epochs make every spec
