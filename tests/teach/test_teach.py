@@ -171,9 +171,34 @@ def test_distill_controls_train_the_target_directly_on_their_controls_teacher(zo
     assert any(not torch.equal(real.deltas[k], zero.deltas[k]) for k in real.deltas)
 
 
+def test_with_teach_unset_fields_default_to_the_benchmarks_passing_setting(zoo, tmp_path):
+    """With `teach:`, strategy, objective and added rank left unset resolve to distill_only on paper + distill with
+    8 added rank (what passed the quality benchmark); whatever the spec sets stays; without `teach:`, the paper's."""
+    from hetero_ray.spec import TEACH_DEFAULTS
+
+    teach = {"prompts": [{"path": str(zoo["replay"]), "take": 4}]}
+    spec = make_spec(zoo, tmp_path / "o", teach=teach)
+    resolved = {"strategy": spec.strategy, "objective": spec.objective, "method.extra_rank": spec.method.extra_rank}
+    assert resolved == TEACH_DEFAULTS == {"strategy": "distill_only", "objective": {"paper": 1.0, "distill": 1.0},
+                                          "method.extra_rank": 8}
+    assert spec.method.num_projections == 64  # the rest of the section is kept
+    own = {"paper": 1.0, "excess": 1.0}
+    chosen = make_spec(zoo, tmp_path / "o", teach=teach, strategy="heterofusion", objective=own,
+                       **{"method.extra_rank": 0})
+    assert (chosen.strategy, chosen.objective, chosen.method.extra_rank) == ("heterofusion", own, 0)
+    assert make_spec(zoo, tmp_path / "o", teach=teach, control="zero_sources").strategy == "zero_sources"
+    assert make_spec(zoo, tmp_path / "o", teach=teach, method=None).method.extra_rank == 8
+    plain = make_spec(zoo, tmp_path / "o")
+    assert (plain.strategy, plain.objective, plain.method.extra_rank) == ("heterofusion", {"paper": 1.0}, 0)
+    with pytest.raises(SpecError, match="method"):
+        make_spec(zoo, tmp_path / "o", teach=teach, method=[1])
+    # the resolved values are what the digest (and so the run's name and its provenance) records
+    assert spec.digest() != make_spec(zoo, tmp_path / "o", teach=teach, strategy="heterofusion").digest()
+
+
 def test_zero_sources_grounded_without_added_rank_leave_the_target_unchanged(zoo, tmp_path):
     spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2",), strategy="zero_sources",
-                      method={"num_projections": 16, "net": "grounded"})
+                      method={"num_projections": 16, "net": "grounded", "extra_rank": 0})
     result = fuse_local(spec)
     assert all(not d.any() for d in result.deltas.values())
     assert all(h["terms"]["retain"] == 0.0 and h["terms"]["excess"] == 0.0 for h in result.history)
