@@ -157,8 +157,10 @@ def check(spec: Path, as_json: bool, **kwargs) -> None:
 @click.option("--gpus-per-run", default=0.0, show_default=True, type=click.FloatRange(0))
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
 @click.option("--no-ray", is_flag=True, help="run them one after another in this process")
+@click.option("--no-train", is_flag=True, help="train nothing: the table of the finished runs; exits non-zero "
+              "naming each run not finished with these settings")
 def sweep(spec: Path, axes: tuple[str, ...], out: Path, cpus_per_run: int, gpus_per_run: float,
-          address: str | None, no_ray: bool) -> None:
+          address: str | None, no_ray: bool, no_train: bool) -> None:
     """Run SPEC over a grid of settings as concurrent runs on one Ray cluster; finished runs are reused.
 
     Example: hetero-ray sweep spec.yaml --set strategy=heterofusion,zero_sources --set seed=0,1,2
@@ -183,10 +185,13 @@ def sweep(spec: Path, axes: tuple[str, ...], out: Path, cpus_per_run: int, gpus_
         click.echo(f"  {row['name']}: {row['status']} {how}".rstrip(), err=True)
 
     result = run_sweep(spec, runs, out, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                       use_ray=not no_ray, on_row=on_row)
+                       use_ray=not (no_ray or no_train), on_row=on_row, train=not no_train)
     click.echo(result.markdown())
     if result.failed:
         raise click.ClickException(f"{len(result.failed)} of {len(runs)} runs failed; see {result.out / 'sweep.json'}")
+    if result.missing:
+        raise click.ClickException(f"--no-train: {len(result.missing)} of {len(runs)} runs not finished with these "
+                                   f"settings: {', '.join(r['name'] for r in result.missing)}")
 
 
 @cli.command()

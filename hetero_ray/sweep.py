@@ -16,8 +16,9 @@ of its own (:class:`hetero_ray.FusionClient`).
 Resuming: a run whose output holds a finished fusion of the very same resolved spec is reused, not redone;
 outputs appear only when complete, so a sweep killed at any point resumes with what it finished. Every spec
 is validated, with its inputs, before any run starts. The table (``OUT/sweep.json``, ``OUT/sweep.md``) has
-per run: name, status (trained, reused, failed), spec hash, settings, seconds, steps, final replay loss, output,
-report, and what the optional ``after(spec, output)`` returned (run in the same task: an evaluation, say).
+per run: name, status (trained, reused, failed; missing: not finished and ``train=False``), spec hash,
+settings, seconds, steps, final replay loss, output, report, and what the optional ``after(spec, output)``
+returned (run in the same task: an evaluation, say).
 """
 
 from __future__ import annotations
@@ -87,6 +88,11 @@ class SweepResult:
     def failed(self) -> list[dict]:
         return [r for r in self.rows if r["status"] == "failed"]
 
+    @property
+    def missing(self) -> list[dict]:
+        """Runs not finished and not trained (``train=False``)."""
+        return [r for r in self.rows if r["status"] == "missing"]
+
     def markdown(self) -> str:
         metric_keys = sorted({k for r in self.rows for k in (r.get("metrics") or {})})
         head = ["run", "status", "spec", "settings", "s", "steps", "final replay loss", *metric_keys]
@@ -143,9 +149,9 @@ def sweep_specs(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str |
     return specs
 
 
-def _run_one(spec_json: dict, threads: int, after: Callable | None, resume: bool = True) -> dict:
+def _run_one(spec_json: dict, threads: int, after: Callable | None, resume: bool = True, train: bool = True) -> dict:
     """One sweep run, in whatever process it lands in (a Ray task, or this one, whose thread count is restored
-    after)."""
+    after). ``train=False``: a run that is not finished is reported ``missing``, never trained."""
     import torch
 
     from hetero_ray.console import silence_libraries
@@ -155,8 +161,11 @@ def _run_one(spec_json: dict, threads: int, after: Callable | None, resume: bool
     torch.set_num_threads(max(1, threads))
     silence_libraries()
     spec = FusionSpec.model_validate(spec_json)
-    row: dict[str, Any] = {"status": "reused" if resume and completed(spec) else "trained", "started": time.time(),
-                           "pid": os.getpid()}
+    status = "reused" if resume and completed(spec) else "trained" if train else "missing"
+    row: dict[str, Any] = {"status": status, "started": time.time(), "pid": os.getpid()}
+    if status == "missing":
+        row["ended"] = time.time()
+        return row
     t0 = time.perf_counter()
     try:
         if row["status"] == "trained":
@@ -194,12 +203,14 @@ def _row(run: SweepRun, spec: FusionSpec, result: dict) -> dict:
 def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | Path, *, address: str | None = None,
               cpus_per_run: int = 1, gpus_per_run: float = 0, use_ray: bool = True,
               after: Callable[[FusionSpec, Path], Mapping] | None = None, resume: bool | Container[str] = True,
-              on_row: Callable[[dict], None] | None = None) -> SweepResult:
+              on_row: Callable[[dict], None] | None = None, train: bool = True) -> SweepResult:
     """Run every run of the sweep (see the module's doc) and return the table; also written to
     ``OUT/sweep.json`` and ``OUT/sweep.md`` as rows come in. ``use_ray=False`` runs them one after another in
     this process (the reference); ``resume=False`` trains every run again (or give the names of the runs that
-    may be reused). ``address``: a Ray cluster; default: the one this process is connected to, else
-    RAY_ADDRESS, else a local instance with one logical CPU per core."""
+    may be reused); ``train=False`` trains nothing: each run not finished with its spec is a ``missing`` row
+    (its ``after`` is not called), so the table can be gathered from finished runs alone. ``address``: a Ray
+    cluster; default: the one this process is connected to, else RAY_ADDRESS, else a local instance with one
+    logical CPU per core."""
     if isinstance(resume, str):
         raise TypeError("resume: True, False, or a collection of run names (not one string)")
     out = Path(out).resolve()
@@ -228,7 +239,7 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
 
     if not use_ray:
         for run in runs:
-            record(run, _run_one(dumps[run.name], cpus_per_run, after, reuse[run.name]))
+            record(run, _run_one(dumps[run.name], cpus_per_run, after, reuse[run.name], train))
     else:
         import ray
 
@@ -237,7 +248,8 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
         ensure_ray(address, num_cpus=os.cpu_count() or 1)
         check_task_fits(cpus_per_run, gpus_per_run, "sweep: a run")
         task = ray.remote(_run_one).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
-        pending = {task.remote(dumps[r.name], math.ceil(cpus_per_run), after, reuse[r.name]): r for r in runs}
+        pending = {task.remote(dumps[r.name], math.ceil(cpus_per_run), after, reuse[r.name], train): r
+                   for r in runs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(done[0])

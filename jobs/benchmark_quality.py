@@ -371,9 +371,12 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         result = run_sweep(base_spec, runs, out, address=args.address, cpus_per_run=threads,
                            gpus_per_run=1 / args.parallel if args.device == "cuda" else 0,
                            use_ray=args.parallel > 1 and not args.report_only, after=after,
-                           resume=True if args.resume else set(reports), on_row=on_row)
+                           resume=True if args.resume else set(reports), on_row=on_row, train=not args.report_only)
         if result.failed:
             raise SystemExit("runs failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in result.failed))
+        if result.missing:  # finished when checked above, no longer: --report-only still trains none
+            raise SystemExit(f"--report-only: {len(result.missing)} run(s) not finished with these settings in {out}: "
+                             f"{', '.join(r['name'] for r in result.missing)}")
         for row in result.rows:
             reports[row["name"]] = json.loads(Path(row["report"]).read_text())
         return {row["name"]: Path(row["output"]) for row in result.rows}

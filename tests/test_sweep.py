@@ -78,7 +78,7 @@ def test_specs_are_validated_before_any_run(zoo, tmp_path):
     assert {s.cluster.storage for s in specs.values()} == {str(out.resolve() / "state")}
 
 
-def test_sweep_in_process_resumes_by_run_name(zoo, tmp_path):
+def test_sweep_in_process_resumes_by_run_name(zoo, tmp_path, capsys):
     spec = _spec_file(zoo, tmp_path)
     out = tmp_path / "sweep"
     runs = grid({"strategy": ["heterofusion", "zero_sources"], "seed": [0]})
@@ -98,6 +98,22 @@ def test_sweep_in_process_resumes_by_run_name(zoo, tmp_path):
     assert [r["status"] for r in again.rows] == ["reused", "reused"]
     assert again.rows[0]["metrics"] == first.rows[0]["metrics"]
     assert (out / "adapters" / "heterofusion-s0" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+
+    # train=False gathers the table from finished runs and trains none: a run not finished is `missing`
+    more = runs + grid({"strategy": ["heterofusion"], "seed": [1]})
+    gathered = run_sweep(spec, more, out, use_ray=False, after=adapter_norm, train=False)
+    assert [r["status"] for r in gathered.rows] == ["reused", "reused", "missing"]
+    assert [r["name"] for r in gathered.missing] == ["heterofusion-s1"] and not gathered.failed
+    assert gathered.rows[0]["metrics"] == first.rows[0]["metrics"] and gathered.rows[2]["metrics"] == {}
+    assert not (out / "adapters" / "heterofusion-s1").exists()
+    assert "| heterofusion-s1 | missing |" in (out / "sweep.md").read_text()
+    from hetero_ray.cli import main
+
+    cli = ["sweep", str(spec), "--set", "strategy=heterofusion", "--out", str(out), "--no-train"]
+    assert main([*cli, "--set", "seed=0"]) == 0
+    assert main([*cli, "--set", "seed=0,1"]) == 1
+    assert "not finished with these settings: heterofusion-s1" in capsys.readouterr().err
+    assert not (out / "adapters" / "heterofusion-s1").exists()
 
     # same run names, a changed setting: redone, not reused
     changed = run_sweep(_spec_file(zoo, tmp_path, **{"training.lr": 1e-3}), runs[:1], out, use_ray=False)
