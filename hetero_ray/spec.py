@@ -168,15 +168,25 @@ TEACH_DEFAULTS = {"strategy": "distill_only", "objective": {"paper": 1.0, "disti
 
 
 def _teach_defaults(data: dict) -> dict:
+    """TEACH_DEFAULTS for what ``data`` (a spec's raw fields, with `teach:`) leaves unset; a merge's settings
+    are left alone (it trains nothing)."""
     if data.get("teach") is None:
         return data
-    data = dict(data)
+    from hetero_ray.strategies import STRATEGIES
+
+    data = {**data}
+    data.setdefault("strategy", TEACH_DEFAULTS["strategy"])
+    name = data["strategy"]
+    if not isinstance(name, str) or name not in STRATEGIES or STRATEGIES[name].kind != "trained":
+        return data  # a merge; or a strategy its own validator refuses
     for key, value in TEACH_DEFAULTS.items():
         section, _, leaf = key.rpartition(".")
         if not section:
             data.setdefault(leaf, value)
-        elif isinstance(data.get(section) or {}, dict):  # else the section's own validation reports it
-            data[section] = {leaf: value, **(data.get(section) or {})}
+        elif section not in data or isinstance(data[section], dict):
+            data[section] = {leaf: value, **data.get(section, {})}
+        elif isinstance(data[section], BaseModel) and leaf not in data[section].model_fields_set:
+            data[section] = data[section].model_copy(update={leaf: value})
     return data
 
 
@@ -214,7 +224,7 @@ class FusionSpec(_Strict):
         if "control" in data:
             data = dict(data)
             control = data.pop("control")
-            strategy = data.get("strategy", "heterofusion")
+            strategy = data.setdefault("strategy", "heterofusion")  # with or without `teach:`
             if control not in (None, "none"):
                 from hetero_ray.controls import Control
 

@@ -190,6 +190,8 @@ def _row(run: SweepRun, spec: FusionSpec, result: dict) -> dict:
            "started": result.get("started"), "ended": result.get("ended"), "pid": result.get("pid")}
     if result.get("error"):
         row["error"], row["traceback"] = result["error"], result.get("traceback")
+    elif result["status"] == "missing":  # what the output holds, if anything, is another spec's
+        row["report"] = None
     elif report_path.is_file():
         report = json.loads(report_path.read_text())
         history = report.get("history") or []
@@ -208,11 +210,14 @@ def run_sweep(spec: str | Path | Mapping, runs: Sequence[SweepRun], out: str | P
     ``OUT/sweep.json`` and ``OUT/sweep.md`` as rows come in. ``use_ray=False`` runs them one after another in
     this process (the reference); ``resume=False`` trains every run again (or give the names of the runs that
     may be reused); ``train=False`` trains nothing: each run not finished with its spec is a ``missing`` row
-    (its ``after`` is not called), so the table can be gathered from finished runs alone. ``address``: a Ray
+    (its ``after`` is not called; the specs and the table are written as by any sweep), so the table can be
+    gathered from finished runs alone. ``address``: a Ray
     cluster; default: the one this process is connected to, else RAY_ADDRESS, else a local instance with one
     logical CPU per core."""
     if isinstance(resume, str):
         raise TypeError("resume: True, False, or a collection of run names (not one string)")
+    if not train and resume is not True:
+        raise ValueError("train=False reports finished runs: it needs resume=True")
     out = Path(out).resolve()
     specs = sweep_specs(spec, runs, out)
     dumps = {name: s.model_dump(mode="json") for name, s in specs.items()}

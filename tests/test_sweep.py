@@ -107,6 +107,8 @@ def test_sweep_in_process_resumes_by_run_name(zoo, tmp_path, capsys):
     assert gathered.rows[0]["metrics"] == first.rows[0]["metrics"] and gathered.rows[2]["metrics"] == {}
     assert not (out / "adapters" / "heterofusion-s1").exists()
     assert "| heterofusion-s1 | missing |" in (out / "sweep.md").read_text()
+    with pytest.raises(ValueError, match="needs resume=True"):
+        run_sweep(spec, more, out, use_ray=False, resume=False, train=False)
     from hetero_ray.cli import main
 
     cli = ["sweep", str(spec), "--set", "strategy=heterofusion", "--out", str(out), "--no-train"]

@@ -74,7 +74,7 @@ def test_layer_permutation_moves_every_layer_and_keeps_roles():
 
 
 def test_controls_replace_the_teacher_and_signals_are_cached(zoo, tmp_path):
-    spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2",))
+    spec = teach_spec(zoo, tmp_path / "o", sources=("qwen2",), strategy="heterofusion")
     adapter = read_adapter(zoo["qwen2-lora"])
     real = source_signals(spec, 0, adapter, cache_dir(spec))
     assert not real["cached"] and real["chunks"] > 0 and len(real["items"]) == 4
@@ -187,7 +187,17 @@ def test_with_teach_unset_fields_default_to_the_benchmarks_passing_setting(zoo, 
                        **{"method.extra_rank": 0})
     assert (chosen.strategy, chosen.objective, chosen.method.extra_rank) == ("heterofusion", own, 0)
     assert make_spec(zoo, tmp_path / "o", teach=teach, control="zero_sources").strategy == "zero_sources"
-    assert make_spec(zoo, tmp_path / "o", teach=teach, method=None).method.extra_rank == 8
+    assert make_spec(zoo, tmp_path / "o", teach=teach, control="none").strategy == "heterofusion"  # as before
+    merge = make_spec(zoo, tmp_path / "o", teach=teach, strategy="naive_transfer")  # trains nothing: left alone
+    assert (merge.objective, merge.method.extra_rank) == ({"paper": 1.0}, 0)
+    from hetero_ray.spec import FusionSpec, MethodSpec
+
+    data = make_spec(zoo, tmp_path / "o", teach=teach).model_dump(mode="json")
+    assert FusionSpec.model_validate(data).digest() == spec.digest()  # a resolved spec resolves to itself
+    data.pop("strategy"), data.pop("objective")
+    kept = FusionSpec.model_validate({**data, "method": MethodSpec(net="grounded")})
+    assert kept.method.extra_rank == 8 and kept.method.net == "grounded"
+    assert FusionSpec.model_validate({**data, "method": MethodSpec(extra_rank=2)}).method.extra_rank == 2
     plain = make_spec(zoo, tmp_path / "o")
     assert (plain.strategy, plain.objective, plain.method.extra_rank) == ("heterofusion", {"paper": 1.0}, 0)
     with pytest.raises(SpecError, match="method"):
