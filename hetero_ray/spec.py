@@ -161,7 +161,7 @@ class ClusterSpec(_Strict):
 # With a `teach:` section, what a spec leaves unset resolves to the setting that passed the quality benchmark
 # against every control on both task pairs measured (docs/results.md): the target's LoRA and 8 added rank
 # trained on the replay and on the source experts' answers. Transfer networks (`strategy: heterofusion`,
-# `method.net: grounded`) did as well on the source task and no better, at more cost. Without `teach:` the
+# `method.net: grounded`) tied with it on one pair and fell behind on the other. Without `teach:` the
 # paper's defaults stand (heterofusion on the replay loss), the one strategy that reads the sources' weights
 # without a teacher; nothing measured transfers that way.
 TEACH_DEFAULTS = {"strategy": "distill_only", "objective": {"paper": 1.0, "distill": 1.0}, "method.extra_rank": 8}
