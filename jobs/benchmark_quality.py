@@ -342,14 +342,18 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         """Train (or reuse) each (method, seed, lr) as one sweep, each run evaluated on ``which`` split in its own
         task; returns name -> adapter. Runs finished earlier in this invocation are reused, not logged again."""
         runs = [SweepRun(tag(m, seed, lr), overrides(m, seed, lr)) for m, seed, lr in keys]
-        if args.report_only:
+
+        def not_finished(names: list[str]) -> SystemExit:
+            return SystemExit(f"--report-only: {len(names)} run(s) not finished with these settings in {out}: "
+                              f"{', '.join(names)} (without --report-only they are trained)")
+
+        if args.report_only:  # checked first so that nothing (spec, table) is written for a refused report
             from hetero_ray.strategies import completed
             from hetero_ray.sweep import sweep_specs
 
             missing = [name for name, spec in sweep_specs(base_spec, runs, out).items() if not completed(spec)]
             if missing:
-                raise SystemExit(f"--report-only: {len(missing)} run(s) not finished with these settings in {out}: "
-                                 f"{', '.join(missing)} (without --report-only they are trained)")
+                raise not_finished(missing)
 
         def after(spec, output: Path) -> dict:  # in the run's own process
             torch.set_num_threads(threads)
@@ -375,8 +379,7 @@ def main() -> None:  # noqa: C901 - one job, in the order it runs
         if result.failed:
             raise SystemExit("runs failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in result.failed))
         if result.missing:  # finished when checked above, no longer: --report-only still trains none
-            raise SystemExit(f"--report-only: {len(result.missing)} run(s) not finished with these settings in {out}: "
-                             f"{', '.join(r['name'] for r in result.missing)}")
+            raise not_finished([r["name"] for r in result.missing])
         for row in result.rows:
             reports[row["name"]] = json.loads(Path(row["report"]).read_text())
         return {row["name"]: Path(row["output"]) for row in result.rows}
