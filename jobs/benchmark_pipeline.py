@@ -100,9 +100,10 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def align_pass(spec):
+def align_pass(spec, keep: bool = False):
     """One in-process alignment pass as the runners make it: open the adapters and plan, then every source's
-    candidates. Returns (seconds spent opening, the plan, the block size, the number of candidates)."""
+    candidates. Returns (seconds spent opening, the plan, the block size, the number of candidates, or the
+    candidates themselves with ``keep``)."""
     from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target, resolve_block_size
 
     t0 = time.perf_counter()
@@ -111,20 +112,40 @@ def align_pass(spec):
     plan = alignment_plan(spec, ttopo, [t for _, t in sources])
     block = resolve_block_size(spec, plan)
     open_s = time.perf_counter() - t0
-    n_cand = sum(1 for i, (a, t) in enumerate(sources) for _ in candidates_of(spec, plan, i, a, t, block))
-    return open_s, plan, block, n_cand
+    cands = (c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block))
+    return open_s, plan, block, list(cands) if keep else sum(1 for _ in cands)
+
+
+def raw_read(files) -> tuple[float, float]:
+    """Seconds to read ``files`` with safetensors' ``load_file``, which maps them (no byte is touched until
+    used), and to read them touching every byte once (one sum per tensor): the floor of any pass that looks
+    at the values, as alignment's finiteness check must."""
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    for f in files:
+        load_file(str(f))
+    mapped = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for f in files:
+        for t in load_file(str(f)).values():
+            t.sum()
+    return mapped, time.perf_counter() - t0
 
 
 def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
     """Where an in-process alignment pass spends its time, by timers around its stages (``repeats`` more
     passes after the timed ones; the fastest pass's parts): opening (configs, headers, plan), reading the
-    tensors (with their finiteness check), the rows and blocks' singular values (of which the r x r
-    eigenproblems), and the rest (rank harmonization, controls, scaling, candidates). Beside them, the raw
-    read of the same files from the timed passes."""
+    tensors (mapping the files and checking that the values are finite), and the rest (rank harmonization,
+    controls, candidates). Beside them, the raw read of the same files from the timed passes, and what the
+    groups' assembly then costs (``assembly``: tokens, padding and the blocks' singular values, of which
+    ``singular_values``), which alignment no longer does."""
+    from hetero_ray.denoise import fusion
     from hetero_ray.io import adapters
-    from hetero_ray.tokens import blocks, candidates
+    from hetero_ray.runners.prepare import open_target
+    from hetero_ray.tokens import blocks
 
-    spent = {"read": 0.0, "rows_and_singular_values": 0.0, "eigenvalues": 0.0}
+    spent = {"read": 0.0, "singular_values": 0.0}
 
     def timed(fn, key):
         def wrapper(*a, **k):
@@ -135,9 +156,8 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
                 spent[key] += time.perf_counter() - t0
         return wrapper
 
-    patches = [(adapters.LoraAdapter, "tensor", "read"),
-               (candidates, "batched_module_rows", "rows_and_singular_values"),
-               (blocks, "gram_singular_values", "eigenvalues")]
+    patches = [(adapters.LoraAdapter, "tensor", "read"), (blocks, "block_singular_values", "singular_values"),
+               (fusion, "block_singular_values", "singular_values")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     best: dict | None = None
     try:
@@ -146,25 +166,27 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
         for _ in range(max(1, repeats)):
             spent.update(dict.fromkeys(spent, 0.0))
             t0 = time.perf_counter()
-            open_s = align_pass(spec)[0]  # opening reads headers only, no tensor: the parts do not overlap
+            open_s, plan, block, cands = align_pass(spec, keep=True)  # opening reads headers only, no tensor
             total = time.perf_counter() - t0
-            parts = {"total": total, "open": open_s, **spent,
-                     "other": total - open_s - spent["read"] - spent["rows_and_singular_values"]}
+            parts = {"total": total, "open": open_s, "read": spent["read"],
+                     "other": total - open_s - spent["read"]}
+            spent["singular_values"] = 0.0
+            target, ttopo = open_target(spec)
+            t0 = time.perf_counter()
+            fusion.assemble_groups(plan, target, ttopo, cands, block)
+            parts |= {"assembly": time.perf_counter() - t0, "singular_values": spent["singular_values"]}
             if best is None or total < best["total"]:
                 best = parts
     finally:
         for obj, name, fn in saved:
             setattr(obj, name, fn)
-    return {**{k: round(v, 4) for k, v in best.items()}, "raw_read": round(raw_s, 4),
-            "eigenvalues_over_raw_read": round(best["eigenvalues"] / raw_s, 2)}
+    return {**{k: round(v, 4) for k, v in best.items()}, "raw_read": round(raw_s, 4)}
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-
-    from safetensors.torch import load_file
 
     from hetero_ray.denoise.fusion import group_rdm
     from hetero_ray.denoise.rdm import projections_for
@@ -193,19 +215,19 @@ def run(args: argparse.Namespace, root: Path) -> None:
 
     raw, aligned = [], []
     for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-        t0 = time.perf_counter()
-        for f in files:
-            load_file(str(f))
-        raw.append(time.perf_counter() - t0)
+        raw.append(raw_read(files))
         t0 = time.perf_counter()
         _, plan, block, n_cand = align_pass(spec)
         aligned.append(time.perf_counter() - t0)
-    raw_s, align_s = min(raw), min(aligned)
+    raw_s, touched_s, align_s = min(r[0] for r in raw), min(r[1] for r in raw), min(aligned)
     table = {
         "settings": vars(args), "zoo_build_s": round(build_s, 2), "adapter_bytes": n_bytes,
         "candidates": n_cand, "block_size": block,
         "raw_read_MBps": round(n_bytes / raw_s / 1e6, 1), "alignment_MBps": round(n_bytes / align_s / 1e6, 1),
+        "raw_read_touched_MBps": round(n_bytes / touched_s / 1e6, 1),
         "alignment_over_raw_time": round(align_s / raw_s, 2),
+        "alignment_share_of_raw": round(raw_s / align_s, 3),
+        "alignment_share_of_raw_touched": round(touched_s / align_s, 3),
         "alignment_parts_s": alignment_parts(spec, raw_s, args.repeats),
     }
     if args.ray:  # the same sources through the FamilyActors into a materialized Ray Dataset

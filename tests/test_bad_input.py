@@ -153,16 +153,15 @@ def test_candidates_round_trip_through_arrow_exactly(zoo, tmp_path):
     for x, y in zip(cands, back, strict=True):
         assert (x.group, x.target_module, x.source_id, x.source_layer, x.n_a_blocks) == (
             y.group, y.target_module, y.source_id, y.source_layer, y.n_a_blocks)
-        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.sigmas, y.sigmas)
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.rows, y.rows)
 
 
 def test_candidates_from_arrow_are_views_of_the_tables_buffers(zoo, tmp_path):
     """No copy on the way in (a worker would hold every token twice while it builds its groups): each
-    candidate's rows and singular values lie inside the Arrow buffers they came from."""
+    candidate's factors lie inside the Arrow buffer they came from."""
     table = candidates_to_arrow(_candidates(zoo, tmp_path))
     back = candidates_from_arrow(table)
-    for field in ("rows", "sigmas"):
-        values = table.column(field).chunk(0).values.buffers()[1]
-        for c in back:
-            t = getattr(c, field)
+    values = table.column("rows").chunk(0).values.buffers()[1]
+    for c in back:
+        for t in (c.a, c.b):  # A^T and B: dense blocks of the rows (A a transposed view)
             assert values.address <= t.data_ptr() and t.data_ptr() + t.nbytes <= values.address + values.size

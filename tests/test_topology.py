@@ -165,11 +165,13 @@ def test_base_configs_take_transformers_defaults_for_what_they_leave_out():
 
 @pytest.mark.parametrize("control", ["none", "random_sources", "zero_sources", "shuffled_layers"])
 def test_source_candidates_match_the_per_module_reference_and_read_each_tensor_once(zoo, tmp_path, control):
-    """The batched path (each module read once, slots' rows stacked and their blocks' singular values taken per
-    shape, from Grams) gives the per-candidate computation's tokens bit for bit and its singular values to
-    1e-5, for sources of lower, equal and higher rank and Phi-3's fused projections; asked for some target
-    layers, it yields exactly those; through Arrow the rows travel unpadded and come back exact."""
+    """Alignment (each module read once; at the target's rank the candidates are views of the file's mapping,
+    no copy) gives the per-module computation's tokens bit for bit, and assembly the blocks' singular values
+    (batched per group, from Grams) to 1e-5, for sources of lower, equal and higher rank and Phi-3's fused
+    projections; asked for some target layers, it yields exactly those; through Arrow the rows travel
+    unpadded and come back exact."""
     from hetero_ray.controls import Control, control_factors
+    from hetero_ray.denoise.fusion import assemble_groups
     from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target
     from hetero_ray.tokens.candidates import candidates_from_arrow, candidates_to_arrow, slot_tensors
     from tests.helpers import make_spec
@@ -179,7 +181,7 @@ def test_source_candidates_match_the_per_module_reference_and_read_each_tensor_o
     _, ttopo = open_target(spec)
     sources = [open_source(spec, i) for i in range(len(spec.sources))]
     plan = alignment_plan(spec, ttopo, [t for _, t in sources])
-    harmonized = set()
+    harmonized, views, every, want_sigmas = set(), 0, [], {}
     for i, (adapter, topo) in enumerate(sources):
         reads: list[str] = []
         read = adapter.tensor
@@ -201,12 +203,16 @@ def test_source_candidates_match_the_per_module_reference_and_read_each_tensor_o
             tokens, sigmas, n_a = module_tokens(*harmonize_rank(a, b, e.rank), 64)
             assert torch.equal(c.tokens, tokens) and c.n_a_blocks == n_a and c.n_tokens == tokens.shape[0]
             assert c.rows.shape == (f.d_in + f.d_out, e.rank)
-            torch.testing.assert_close(c.sigmas, sigmas, rtol=1e-5, atol=1e-6 * float(sigmas.max().clamp_min(1)))
+            want_sigmas[c.key] = sigmas
+            if f.harmonize == "none" and control == "none" and not slot.fused:
+                assert c.a.data_ptr() == a.data_ptr()  # the read tensor itself, not a copy
+                views += 1
             harmonized.add(f.harmonize)
+        every += got
         back = candidates_from_arrow(candidates_to_arrow(got))  # what Ray Data carries: unpadded rows
         assert [(x.key, x.d_in, x.block_size, x.source_layer) for x in back] == [
             (x.key, x.d_in, x.block_size, x.source_layer) for x in got]
-        assert all(torch.equal(x.rows, y.rows) and torch.equal(x.sigmas, y.sigmas)
+        assert all(torch.equal(x.rows, y.rows) and torch.equal(x.tokens, y.tokens)
                    for x, y in zip(back, got, strict=True))
         assert sum(x.rows.numel() for x in got) < sum(x.tokens.numel() for x in got)  # no padding in transit
         some = sorted({e.layer for e, _ in want})[::2]
@@ -217,3 +223,15 @@ def test_source_candidates_match_the_per_module_reference_and_read_each_tensor_o
             part, [c for c in got if c.target_layer in some], strict=True))
     assert harmonized == {"none", "exact", "truncated"}
     assert any(topo.family.name == "phi3" for _, topo in sources)
+    assert views > 0 or control != "none"
+    target, _ = open_target(spec)
+    groups = assemble_groups(plan, target, ttopo, every, 64)
+    for name, g in groups.items():
+        for m, layer in enumerate(g.layers):
+            pos = 0
+            for key in sorted(k for k in want_sigmas if k[:2] == (name, layer)):  # by source, as assembled
+                ref = want_sigmas[key]
+                torch.testing.assert_close(g.src_sigmas[m, pos : pos + len(ref)], ref, rtol=1e-5,
+                                           atol=1e-6 * float(ref.max().clamp_min(1)))
+                pos += len(ref)
+            assert not g.src_sigmas[m, pos:].any() and not g.src_valid[m, pos:].any()

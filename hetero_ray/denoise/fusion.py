@@ -18,7 +18,7 @@ from hetero_ray.denoise.transfer_net import TransferNet, TransferNetConfig
 from hetero_ray.errors import HeteroRayError
 from hetero_ray.families import Rows, Topology
 from hetero_ray.io.adapters import LoraAdapter
-from hetero_ray.tokens.blocks import from_tokens, module_tokens
+from hetero_ray.tokens.blocks import block_rows, block_singular_values, from_tokens, module_tokens
 from hetero_ray.tokens.candidates import Candidate, slot_tensors
 
 
@@ -57,10 +57,13 @@ def assemble_groups(
     candidates: Iterable[Candidate] | None,
     block_size: int,
     names: Collection[str] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, GroupInputs]:
     """Build every group's inputs (only those in ``names`` when given: a worker's own groups) from the
     target adapter and the (unordered) candidate stream. ``candidates=None`` builds target-only groups with
-    empty source sequences (the replay_only control)."""
+    empty source sequences (the replay_only control). Here the candidates become tokens (padded to whole
+    blocks) and their blocks' singular values are taken, batched over the group, on ``device`` when given
+    (where the group is trained; the tokens are moved there first)."""
     by_slot: dict[tuple[str, int], list[Candidate]] = defaultdict(list)
     for c in candidates or ():
         by_slot[(c.group, c.target_layer)].append(c)
@@ -83,34 +86,34 @@ def assemble_groups(
                     f"plan expects {expected}"
                 )
             src.append(cands)
-        groups[name] = _stack_group(name, entries, target_topology, tgt, src)
+        groups[name] = _stack_group(name, entries, target_topology, tgt, src, device)
     return groups
 
 
-def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
+def _stack_group(name, entries, topology, tgt, src, device=None) -> GroupInputs:
     m = len(entries)
     s_max = max(sum(c.n_tokens for c in cands) for cands in src)  # 0 without sources
     d_flat, rank = tgt[0][0].shape[1], tgt[0][1].shape[1]
     src_tokens = torch.zeros(m, s_max, d_flat)
-    src_sigmas = torch.zeros(m, s_max, rank)
-    src_valid = torch.zeros(m, s_max, dtype=torch.bool)
+    src_rows = torch.zeros(m, s_max, dtype=torch.long)  # each token's real rows: the Grams skip the padding
     src_owner = torch.full((m, s_max), -1, dtype=torch.long)
     for i, cands in enumerate(src):
         pos = 0
         for c in cands:
             n = c.n_tokens
             c.write_tokens(src_tokens[i, pos : pos + n])  # the padding made here, into the group's zeros
-            src_sigmas[i, pos : pos + n] = c.sigmas
-            src_valid[i, pos : pos + n] = True
+            src_rows[i, pos : pos + n] = torch.tensor(block_rows(c.d_in, c.b.shape[0], c.block_size))
             src_owner[i, pos : pos + n] = c.source
             pos += n
+    src_tokens = src_tokens.to(device) if device is not None else src_tokens
     slots = [topology.slots[(e.layer, e.role)] for e in entries]
     return GroupInputs(
         name=name, rank=rank, layers=[e.layer for e in entries], modules=[e.module for e in entries],
         rows=[s.rows for s in slots], module_d_out=[s.module.d_out for s in slots], d_out=entries[0].d_out,
         n_a_blocks=tgt[0][2], tgt_tokens=torch.stack([t[0] for t in tgt]),
-        tgt_sigmas=torch.stack([t[1] for t in tgt]), src_tokens=src_tokens, src_sigmas=src_sigmas,
-        src_valid=src_valid, src_owner=src_owner,
+        tgt_sigmas=torch.stack([t[1] for t in tgt]), src_tokens=src_tokens,
+        src_sigmas=block_singular_values(src_tokens, entries[0].rank, src_rows),  # 0 on the padding tokens
+        src_valid=src_rows > 0, src_owner=src_owner,
     )
 
 

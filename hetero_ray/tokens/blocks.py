@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
-from typing import TypeVar
 
 import torch
-
-K = TypeVar("K", bound=Hashable)
 
 
 def harmonize_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,40 +62,40 @@ def gram_singular_values(grams: torch.Tensor, k: int) -> torch.Tensor:
     return torch.linalg.eigvalsh(grams).flip(-1)[..., :k].clamp_min(0).sqrt().float()
 
 
-def block_singular_values(tokens: torch.Tensor, rank: int) -> torch.Tensor:
-    """(n, b * r) -> (n, r): the singular values of each b x r block, fp32, no gradient."""
-    return singular_values(tokens.float().reshape(tokens.shape[0], -1, rank))
+def block_rows(d_in: int, d_out: int, block_size: int) -> list[int]:
+    """The real (unpadded) rows of each token of a module's sequence [A^T blocks ; B blocks]."""
+    def part(rows: int) -> list[int]:
+        return [min(block_size, rows - lo) for lo in range(0, rows, block_size)]
+    return part(d_in) + part(d_out)
+
+
+def block_singular_values(tokens: torch.Tensor, rank: int, rows: torch.Tensor | None = None,
+                          chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """(..., n, b * r) -> (..., n, min(b, r)): the singular values of each b x r block, fp32, no gradient, on
+    the tokens' device. ``rows`` (..., n) gives each block's real rows (0: a padding token, whose values
+    are 0): the Grams then skip the zero rows of padded blocks, which change no singular value. Blocks of one
+    row count are batched, in chunks that keep the fp64 working copy under ``chunk_bytes`` (a group's tokens
+    can be GBs at paper scale)."""
+    lead, d = tokens.shape[:-1], tokens.shape[-1]
+    b = d // rank
+    flat = tokens.reshape(-1, b, rank)
+    out = torch.zeros(flat.shape[0], min(b, rank), device=tokens.device)
+    rows = torch.full((flat.shape[0],), b) if rows is None else rows.reshape(-1).cpu()
+    for h in sorted(set(rows.tolist()) - {0}):
+        idx = torch.nonzero(rows == h).flatten().to(tokens.device)
+        step = max(1, chunk_bytes // max(1, h * rank * 8))
+        for lo in range(0, idx.numel(), step):
+            part = idx[lo : lo + step]
+            x = flat[part, :h].double()
+            with torch.no_grad():
+                sig = gram_singular_values(x.mT @ x, min(h, rank))
+            out[part, : sig.shape[-1]] = sig
+    return out.reshape(*lead, out.shape[-1])
 
 
 def module_tokens(a: torch.Tensor, b: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The token sequence [A^T blocks ; B blocks] of one module, its singular values, and #A blocks."""
     ta, tb = to_tokens(a.T.float(), block_size), to_tokens(b.float(), block_size)
     tokens = torch.cat([ta, tb])
-    return tokens, block_singular_values(tokens, a.shape[0]), ta.shape[0]
-
-
-def batched_module_rows(factors: Mapping[K, tuple[torch.Tensor, torch.Tensor]], block_size: int
-                        ) -> dict[K, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module, keyed as ``factors``: its unpadded rows [A^T ; B] ((d_in + d_out) x r, fp32) and the
-    singular values of its blocks, as :func:`module_tokens` blocks it (its tokens are these rows with each part
-    zero-padded to whole blocks; padding changes no singular value). Modules of one shape are stacked once and
-    their blocks' singular values taken in one call; the rows are views into that stack."""
-    by_shape: dict[tuple, list[K]] = {}
-    for key, (a, b) in factors.items():
-        by_shape.setdefault((tuple(a.shape), tuple(b.shape)), []).append(key)
-    out: dict[K, tuple[torch.Tensor, torch.Tensor]] = {}
-    for ((rank, d_in), (d_out, _)), keys in by_shape.items():
-        rows = torch.empty(len(keys), d_in + d_out, rank)
-        for i, key in enumerate(keys):
-            a, b = factors[key]
-            rows[i, :d_in] = a.T
-            rows[i, d_in:] = b
-        blocks = [(lo, min(lo + block_size, d_in)) for lo in range(0, d_in, block_size)]
-        blocks += [(d_in + lo, d_in + min(lo + block_size, d_out)) for lo in range(0, d_out, block_size)]
-        with torch.no_grad():
-            x = rows.double()
-            grams = torch.stack([x[:, lo:hi].mT @ x[:, lo:hi] for lo, hi in blocks], dim=1)
-            sigmas = gram_singular_values(grams, min(block_size, rank))
-        for i, key in enumerate(keys):
-            out[key] = (rows[i], sigmas[i])
-    return out
+    rows = torch.tensor(block_rows(a.shape[1], b.shape[0], block_size))
+    return tokens, block_singular_values(tokens, a.shape[0], rows), ta.shape[0]

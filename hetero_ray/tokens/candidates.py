@@ -16,14 +16,17 @@ from hetero_ray.align import AlignmentPlan
 from hetero_ray.controls import Control, control_factors
 from hetero_ray.families import Slot, Topology
 from hetero_ray.io.adapters import LoraAdapter
-from hetero_ray.tokens.blocks import batched_module_rows, harmonize_rank, n_blocks
+from hetero_ray.tokens.blocks import harmonize_rank, n_blocks
 
 
 @dataclass
 class Candidate:
-    """One source slot aligned to one target slot. It holds the slot's rows unpadded, [A^T ; B] at the target
-    rank ((d_in + d_out) x r): its tokens, each part zero-padded to whole blocks of ``block_size`` rows, are
-    made where the groups are assembled (padding would cost up to ~3x the adapter's bytes in transit)."""
+    """One source slot aligned to one target slot: its factors at the target rank, A (r x d_in) and B
+    (d_out x r), and the scale s of the update s·B·A. As read, A and B are views of the source file's
+    memory map (its private, copy-on-write mapping: nothing can reach the file), so aligning copies no
+    weight. The tokens, [A^T ; s·B] with each part zero-padded to whole blocks of ``block_size`` rows, and
+    their blocks' singular values are made where the groups are assembled, once, by the group's owner
+    (padding would cost up to ~3x the adapter's bytes in transit)."""
 
     group: str
     target_module: str
@@ -33,10 +36,10 @@ class Candidate:
     source_id: str
     family: str
     source_layer: int
-    d_in: int
     block_size: int
-    rows: torch.Tensor  # (d_in + d_out, rank), fp32
-    sigmas: torch.Tensor  # (n_tokens, rank), fp32: the singular values of each block
+    a: torch.Tensor  # (rank, d_in)
+    b: torch.Tensor  # (d_out, rank)
+    scale: float = 1.0
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -44,25 +47,47 @@ class Candidate:
         return (self.group, self.target_layer, self.source)
 
     @property
+    def d_in(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
     def n_a_blocks(self) -> int:
         return n_blocks(self.d_in, self.block_size)
 
     @property
     def n_tokens(self) -> int:
-        return self.n_a_blocks + n_blocks(self.rows.shape[0] - self.d_in, self.block_size)
+        return self.n_a_blocks + n_blocks(self.b.shape[0], self.block_size)
+
+    def write_rows(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> None:
+        """Write A^T into ``a_rows`` (d_in x r) and s·B into ``b_rows`` (d_out x r)."""
+        a_rows.copy_(self.a.T)
+        if self.scale == 1.0:
+            b_rows.copy_(self.b)
+        else:
+            torch.mul(self.b, self.scale, out=b_rows)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """(d_in + d_out, rank), fp32: [A^T ; s·B], unpadded."""
+        out = torch.empty(self.d_in + self.b.shape[0], self.rank)
+        self.write_rows(out[: self.d_in], out[self.d_in :])
+        return out
 
     def write_tokens(self, out: torch.Tensor) -> None:
         """Write the tokens into ``out`` ((n_tokens, block_size * rank), zero-filled)."""
-        r, split = self.rows.shape[1], self.n_a_blocks * self.block_size
+        r, split = self.rank, self.n_a_blocks * self.block_size
         assert out.shape == (self.n_tokens, self.block_size * r)
         flat = out.view(-1, r)
-        flat[: self.d_in] = self.rows[: self.d_in]
-        flat[split : split + self.rows.shape[0] - self.d_in] = self.rows[self.d_in :]
+        self.write_rows(flat[: self.d_in], flat[split : split + self.b.shape[0]])
 
     @property
     def tokens(self) -> torch.Tensor:
-        """(n_tokens, block_size * rank): [A^T blocks ; B blocks], each part zero-padded to whole blocks."""
-        out = torch.zeros(self.n_tokens, self.block_size * self.rows.shape[1])
+        """(n_tokens, block_size * rank): [A^T blocks ; s·B blocks], each part zero-padded to whole blocks."""
+        out = torch.zeros(self.n_tokens, self.block_size * self.rank)
         self.write_tokens(out)
         return out
 
@@ -96,8 +121,9 @@ def source_candidates(
     ``zero_sources`` gives all-zero tokens (no tensor is read), ``random_sources`` a Gaussian adapter with the
     same Frobenius norm per module (A and B each), and so on; the teacher gets the same replacement.
 
-    Each module is read once and each source slot's rows and singular values made once, however many target
-    slots it feeds, batched over the slots of one shape; no padding is made here.
+    Each module is read once and each source slot's factors taken once, however many target slots it feeds.
+    At the target's rank the candidates hold views of the read tensors, so aligning copies no weight; tokens,
+    padding and singular values are made at assembly (:func:`hetero_ray.denoise.fusion.assemble_groups`).
     """
     if not control.reads_sources:
         raise ValueError(f"control {control.value!r} has no source candidates")
@@ -106,84 +132,76 @@ def source_candidates(
     work = [(entry, feed) for entry in plan.entries if wanted is None or entry.layer in wanted
             for feed in entry.feeds if feed.source == source]
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # a fused module feeds several roles
-    factors: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    factors: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for entry, feed in work:
         key = (feed.source_layer, entry.role, entry.rank)
-        if key in factors:
-            continue
-        slot = topology.slots[(feed.source_layer, entry.role)]
-        if control is Control.ZERO_SOURCES:
-            a, b = torch.zeros(feed.rank, feed.d_in), torch.zeros(feed.d_out, feed.rank)
-        else:
-            path = slot.module.path
-            if path not in modules:
-                modules[path] = control_factors(adapter, path, control, seed, source_id)
-            a, b = slot_tensors(adapter, slot, modules[path])
-            b = b.float() * adapter.module_scaling(path)
-        factors[key] = harmonize_rank(a, b, entry.rank)
-    blocked = batched_module_rows(factors, block_size)
-    for entry, feed in work:
-        key = (feed.source_layer, entry.role, entry.rank)
-        rows, sigmas = blocked[key]
+        if key not in factors:
+            factors[key] = _slot_factors(adapter, topology.slots[(feed.source_layer, entry.role)], feed, entry.rank,
+                                         control, seed, source_id, modules)
+        a, b, scale = factors[key]
         yield Candidate(entry.group, entry.module, entry.layer, entry.role, source, source_id, feed.family,
-                        feed.source_layer, factors[key][0].shape[1], block_size, rows, sigmas)
+                        feed.source_layer, block_size, a, b, scale)
+
+
+def _slot_factors(adapter, slot, feed, rank, control, seed, source_id, modules
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, s) of one source slot at the target ``rank``: views of the read tensors when the rank is already
+    the target's (s applied when the tokens are written), else harmonized with s folded into B."""
+    if control is Control.ZERO_SOURCES:  # nothing read, nothing allocated
+        zero = torch.zeros(())
+        return zero.expand(rank, feed.d_in), zero.expand(feed.d_out, rank), 1.0
+    path = slot.module.path
+    if path not in modules:
+        modules[path] = control_factors(adapter, path, control, seed, source_id)
+    a, b = slot_tensors(adapter, slot, modules[path])
+    scale = adapter.module_scaling(path)
+    if a.shape[0] == rank:
+        return a.float(), b.float(), scale
+    a, b = harmonize_rank(a, b.float() * scale, rank)
+    return a, b, 1.0
 
 
 _SCALARS = {
     "group": pa.string(), "target_module": pa.string(), "target_layer": pa.int32(), "role": pa.string(),
     "source": pa.int32(), "source_id": pa.string(), "family": pa.string(), "source_layer": pa.int32(),
-    "d_in": pa.int32(), "block_size": pa.int32(),
+    "d_in": pa.int32(), "block_size": pa.int32(), "rank": pa.int32(),
 }
-CANDIDATE_SCHEMA = pa.schema(
-    [*_SCALARS.items(), ("n_tokens", pa.int32()), ("rank", pa.int32()),
-     ("rows", pa.large_list(pa.float32())), ("sigmas", pa.large_list(pa.float32()))]
-)
+CANDIDATE_SCHEMA = pa.schema([*_SCALARS.items(), ("rows", pa.large_list(pa.float32()))])
 
 
 def candidates_to_arrow(candidates: Iterable[Candidate]) -> pa.Table:
-    """Arrow table with one row per candidate; tensors as flat float32 lists plus their shape."""
-    cols: dict[str, list] = {name: [] for name in CANDIDATE_SCHEMA.names}
-    for c in candidates:
-        for name in _SCALARS:
-            cols[name].append(getattr(c, name))
-        cols["n_tokens"].append(c.n_tokens)
-        cols["rank"].append(c.rows.shape[1])
-        cols["rows"].append(c.rows.contiguous().numpy().ravel())
-        cols["sigmas"].append(c.sigmas.numpy().ravel())
-    arrays = [
-        pa.array(cols[f.name], type=f.type) if f.name not in ("rows", "sigmas")
-        else _flat_list_array(cols[f.name]) for f in CANDIDATE_SCHEMA
-    ]
+    """Arrow table with one row per candidate: its scalars, and its unpadded rows [A^T ; s·B] as one flat
+    float32 list, written straight into the table's one values buffer (the only copy alignment makes)."""
+    candidates = list(candidates)
+    cols: dict[str, list] = {name: [getattr(c, name) for c in candidates] for name in _SCALARS}
+    sizes = [(c.d_in + c.b.shape[0]) * c.rank for c in candidates]
+    offsets = np.zeros(len(candidates) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    values = torch.empty(int(offsets[-1]))
+    for c, lo, n in zip(candidates, offsets[:-1].tolist(), sizes, strict=True):
+        rows = values[lo : lo + n].view(-1, c.rank)
+        c.write_rows(rows[: c.d_in], rows[c.d_in :])
+    arrays = [pa.array(cols[f.name], type=f.type) for f in CANDIDATE_SCHEMA if f.name != "rows"]
+    arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.numpy())))
     return pa.Table.from_arrays(arrays, schema=CANDIDATE_SCHEMA)
 
 
-def _flat_list_array(chunks: list[np.ndarray]) -> pa.Array:
-    offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
-    np.cumsum([len(c) for c in chunks], out=offsets[1:])
-    values = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
 def candidates_from_arrow(table: pa.Table) -> list[Candidate]:
-    """Inverse of :func:`candidates_to_arrow` (bit-exact). The tensors are read-only views of the table's
-    buffers, not copies (on Ray, the object store's shared memory): they keep the table alive, nothing may
-    write to them, and assembly copies them once, into the groups' tensors. A copy here would hold every
-    token twice in a worker's heap while the groups are built (the allocator keeps what it frees)."""
+    """Inverse of :func:`candidates_to_arrow` (bit-exact in the tokens). The factors are read-only views of
+    the table's buffers, not copies (on Ray, the object store's shared memory): they keep the table alive,
+    nothing may write to them, and assembly copies them once, into the groups' tensors. A copy here would
+    hold every token twice in a worker's heap while the groups are built (the allocator keeps what it
+    frees). The scale is already in B's rows."""
     table = table.combine_chunks()
     scalars = {name: table.column(name).to_pylist() for name in _SCALARS}
-    n_tokens = table.column("n_tokens").to_numpy()
-    ranks = table.column("rank").to_numpy()
-    tok_vals = table.column("rows").chunk(0).flatten().to_numpy() if table.num_rows else None
-    sig_vals = table.column("sigmas").chunk(0).flatten().to_numpy() if table.num_rows else None
-    tok_off = table.column("rows").chunk(0).offsets.to_numpy() if table.num_rows else None
-    sig_off = table.column("sigmas").chunk(0).offsets.to_numpy() if table.num_rows else None
+    values = table.column("rows").chunk(0).flatten().to_numpy() if table.num_rows else None
+    offsets = table.column("rows").chunk(0).offsets.to_numpy() if table.num_rows else None
     out = []
     with warnings.catch_warnings():  # Arrow's buffers are read-only: so are these views, by contract
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for i in range(table.num_rows):
-            n, r = int(n_tokens[i]), int(ranks[i])
-            rows = torch.from_numpy(tok_vals[tok_off[i] : tok_off[i + 1]]).reshape(-1, r)
-            sigmas = torch.from_numpy(sig_vals[sig_off[i] : sig_off[i + 1]]).reshape(n, -1)
-            out.append(Candidate(**{k: v[i] for k, v in scalars.items()}, rows=rows, sigmas=sigmas))
+            d_in, r = scalars["d_in"][i], scalars["rank"][i]
+            rows = torch.from_numpy(values[offsets[i] : offsets[i + 1]]).reshape(-1, r)
+            fields = {k: v[i] for k, v in scalars.items() if k not in ("d_in", "rank")}
+            out.append(Candidate(**fields, a=rows[:d_in].T, b=rows[d_in:]))
     return out
-
