@@ -198,8 +198,8 @@ def main() -> None:
           "raw) | on Ray MB/s (share) |")
     print("|---|---|---|---|---|---|")
     for n, r in rates.items():
-        print(f"| {n} | {r['adapter_MB']} | {r['raw_read_MBps']} | {r['raw_read_touched_MBps']} | {r['alignment_MBps']} "
-              f"({r['alignment_over_raw']}) | "
+        print(f"| {n} | {r['adapter_MB']} | {r['raw_read_MBps']} | {r['raw_read_touched_MBps']} | "
+              f"{r['alignment_MBps']} ({r['alignment_over_raw']}) | "
               f"{r.get('ray_alignment_MBps', '-')} ({r.get('ray_over_raw', '-')}) |")
     if args.out:
         args.out.write_text(json.dumps({"runs": rows, "alignment": rates, "settings": vars(args)}, indent=2,
