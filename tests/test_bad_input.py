@@ -165,3 +165,68 @@ def test_candidates_from_arrow_are_views_of_the_tables_buffers(zoo, tmp_path):
     for c in back:
         for t in (c.a, c.b):  # A^T and B: dense blocks of the rows (A a transposed view)
             assert values.address <= t.data_ptr() and t.data_ptr() + t.nbytes <= values.address + values.size
+
+
+def test_tensors_read_are_views_of_a_private_map_and_writes_never_reach_the_file(zoo, tmp_path):
+    """A read copies nothing (the tensor is a view of the file's map), and an in-place write to it stays in
+    this process: the file's bytes do not change, and a fresh read sees the original values."""
+    src = _copy(zoo, "qwen2-lora", tmp_path)
+    before = (src / WEIGHTS_NAME).read_bytes()
+    adapter = read_adapter(src)
+    key = next(iter(adapter.modules.values())).a_key
+    t = adapter.tensor(key)
+    assert t.untyped_storage().data_ptr() == adapter.tensor(next(iter(adapter.shapes))).untyped_storage().data_ptr()
+    original = t.clone()
+    t.add_(1.0)
+    assert (src / WEIGHTS_NAME).read_bytes() == before
+    assert torch.equal(read_adapter(src).tensor(key), original)
+
+
+def test_unaligned_and_inconsistent_tensors_in_a_safetensors_file(tmp_path):
+    """safetensors itself writes every tensor at an offset aligned to its dtype; a file that does not (an fp16
+    tensor of odd length before an fp32 one) is read through safetensors instead, values intact; a header
+    whose bytes do not hold its shape is refused naming file and key; an Inf in an fp16 file names its key."""
+    import json
+    import struct
+
+    def write(path, tensors, fix_header=None):
+        header, blobs, pos = {}, [], 0
+        for name, t in tensors.items():
+            raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+            header[name] = {"dtype": {torch.float16: "F16", torch.float32: "F32"}[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [pos, pos + len(raw)]}
+            blobs.append(raw)
+            pos += len(raw)
+        if fix_header:
+            fix_header(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+    def adapter_dir(name, tensors, fix_header=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "adapter_config.json").write_text(json.dumps({"r": 3, "lora_alpha": 3, "peft_type": "LORA"}))
+        write(d / WEIGHTS_NAME, tensors, fix_header)
+        return d
+
+    a_key, b_key = ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+    a, b = torch.randn(3, 5).half(), torch.randn(7, 3)  # 15 halves: 30 bytes, so B starts unaligned
+    adapter = read_adapter(adapter_dir("unaligned", {a_key: a, b_key: b}))
+    assert torch.equal(adapter.tensor(a_key), a) and torch.equal(adapter.tensor(b_key), b)
+
+    def grow(header):  # B claims 7 x 3 floats in the bytes of 6 x 3
+        header[b_key]["shape"] = [7, 3]
+
+    try:
+        bad = read_adapter(adapter_dir("short", {a_key: torch.randn(3, 5), b_key: torch.randn(6, 3)}, grow))
+        with pytest.raises(AdapterError, match=rf"{WEIGHTS_NAME} \[{b_key}\]"):
+            (bad.tensor(a_key), bad.tensor(b_key))
+    except AdapterError as e:  # or safetensors' own header check refuses it first, naming the file
+        assert WEIGHTS_NAME in str(e)
+    inf = torch.randn(3, 5).half()
+    inf[1, 2] = float("inf")
+    bad = read_adapter(adapter_dir("inf", {a_key: inf, b_key: torch.randn(7, 3).half()}))
+    with pytest.raises(AdapterError, match=rf"{WEIGHTS_NAME} \[{a_key}\]: 1 non-finite"):
+        bad.tensor(a_key)

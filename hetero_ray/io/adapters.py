@@ -122,18 +122,12 @@ class LoraAdapter:
             t = self._load_pickled()[key]
         else:
             if self._handle is None:  # one memory map for all reads of this file
-                self._handle = _MappedSafetensors(self.weights_path, set(self.modules_keys()))
+                self._handle = _MappedSafetensors(self.weights_path)
             t = self._handle.tensor(key)
-            if self._handle.all_finite:  # the file's one summing pass found every LoRA factor finite
-                return t
         if t.is_floating_point() and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise AdapterError(self.weights_path, f"{bad} non-finite values (NaN/Inf)", key=key)
         return t
-
-    def modules_keys(self) -> list[str]:
-        """The keys of every module's A and B."""
-        return [k for m in self.modules.values() for k in (m.a_key, m.b_key)]
 
     def __getstate__(self) -> dict:  # the file handle does not travel between processes
         return {**self.__dict__, "_handle": None}
@@ -294,12 +288,9 @@ class _MappedSafetensors:
     """A safetensors file as one private, copy-on-write memory map (a write to a tensor read from it stays
     in this process and never reaches the file), its tensors views of the map: a read copies nothing and
     costs a slice. The header is re-read from the map, so offsets and contents agree; a tensor whose offset
-    is not aligned to its dtype is read through safetensors instead.
+    is not aligned to its dtype is read through safetensors instead."""
 
-    When every tensor of the file is a LoRA factor of one floating dtype (PEFT's usual file), the first read
-    sums the whole data section once: finite, and no tensor needs its own check (``all_finite``)."""
-
-    def __init__(self, path: Path, lora_keys: set[str]):
+    def __init__(self, path: Path):
         self.path = path
         try:
             with open(path, "rb") as f:
@@ -312,15 +303,6 @@ class _MappedSafetensors:
         start = 8 + n
         self.layout = {k: (v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0], start + v["data_offsets"][1])
                        for k, v in header.items() if k != "__metadata__"}
-        dtypes = {dt for dt, *_ in self.layout.values()}
-        self.all_finite = False
-        if self.layout and set(self.layout) <= lora_keys and len(dtypes) == 1 and next(iter(dtypes)) in (
-                _SAFETENSORS_DTYPES):
-            lo, hi = min(v[2] for v in self.layout.values()), max(v[3] for v in self.layout.values())
-            dtype = _SAFETENSORS_DTYPES[next(iter(dtypes))]
-            size = dtype.itemsize
-            if lo % size == 0 and (hi - lo) % size == 0 and hi <= self.data.numel():
-                self.all_finite = _all_finite(self.data[lo:hi].view(dtype))
         self._fallback = None
 
     def tensor(self, key: str) -> torch.Tensor:

@@ -26,23 +26,28 @@ class FamilyActor:
         self.plan = AlignmentPlan.from_dict(plan)
         self.block_size = block_size
         self.base_models: dict = {}  # the family's base model(s), loaded once for every source's teacher
+        self.opened: dict[int, tuple] = {}  # each source opened (and its file mapped) once, for all its chunks
+
+    def _open(self, source: int, what: str):
+        if source not in self.opened:
+            adapter, topo = open_source(self.spec, source)
+            if topo.family.name != self.family:
+                raise ValueError(f"source {source} is {topo.family.name}, this actor {what} {self.family}")
+            self.opened[source] = adapter, topo
+        return self.opened[source]
 
     def teach(self, source: int) -> dict:
         """Teacher signals of source ``source`` (its expert's answers and per-chunk excess on the teach:
         prompts), from the cache when there."""
         from hetero_ray.teach.signals import cache_dir, source_signals
 
-        adapter, topo = open_source(self.spec, source)
-        if topo.family.name != self.family:
-            raise ValueError(f"source {source} is {topo.family.name}, this actor serves {self.family}")
+        adapter, _ = self._open(source, "serves")
         return source_signals(self.spec, source, adapter, cache_dir(self.spec), self.base_models)
 
     def candidates(self, source: int, layers: list[int]) -> pa.Table:
         """Candidates of source ``source`` for the target layers ``layers`` (one bounded chunk)."""
         t0 = time.perf_counter()
-        adapter, topo = open_source(self.spec, source)
-        if topo.family.name != self.family:
-            raise ValueError(f"source {source} is {topo.family.name}, this actor aligns {self.family}")
+        adapter, topo = self._open(source, "aligns")
         cands = list(candidates_of(self.spec, self.plan, source, adapter, topo, self.block_size, layers))
         maybe_fail("actor")
         table = candidates_to_arrow(cands)
