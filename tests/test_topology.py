@@ -235,3 +235,26 @@ def test_source_candidates_match_the_per_module_reference_and_read_each_tensor_o
                                            atol=1e-6 * float(ref.max().clamp_min(1)))
                 pos += len(ref)
             assert not g.src_sigmas[m, pos:].any() and not g.src_valid[m, pos:].any()
+
+
+def test_block_singular_values_skip_padding_rows_and_match_svdvals_in_any_chunking():
+    """Blocks of mixed real row counts (full, partial, one row, padding tokens): the Grams over real rows give
+    each b x r block's ``svdvals`` to 1e-6 of the largest value, whatever the chunk size, and 0 for padding."""
+    from hetero_ray.tokens.blocks import block_rows, block_singular_values
+
+    torch.manual_seed(0)
+    b, r = 16, 4
+    counts = block_rows(37, 20, b) + [1, 0, 0]  # A part 16, 16, 5; B part 16, 4; a one-row block; padding
+    assert counts[:5] == [16, 16, 5, 16, 4]
+    tokens = torch.zeros(2, len(counts), b * r)  # two modules, as a group's (M, S, D)
+    for m in range(2):
+        for k, h in enumerate(counts):
+            tokens[m, k].view(b, r)[:h] = torch.randn(h, r) * (k + 1)
+    rows = torch.tensor([counts, counts])
+    want = torch.linalg.svdvals(tokens.view(2, len(counts), b, r))
+    for chunk in (64 << 20, 8 * r * 16, 1):  # one batch; a few blocks per batch; one block per batch
+        got = block_singular_values(tokens, r, rows, chunk_bytes=chunk)
+        assert got.shape == (2, len(counts), r)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * float(want.max()))
+    assert not block_singular_values(tokens, r, rows)[:, -2:].any()
+    torch.testing.assert_close(block_singular_values(tokens, r), want, rtol=0, atol=1e-6 * float(want.max()))

@@ -57,13 +57,12 @@ def assemble_groups(
     candidates: Iterable[Candidate] | None,
     block_size: int,
     names: Collection[str] | None = None,
-    device: torch.device | str | None = None,
 ) -> dict[str, GroupInputs]:
     """Build every group's inputs (only those in ``names`` when given: a worker's own groups) from the
     target adapter and the (unordered) candidate stream. ``candidates=None`` builds target-only groups with
     empty source sequences (the replay_only control). Here the candidates become tokens (padded to whole
-    blocks) and their blocks' singular values are taken, batched over the group, on ``device`` when given
-    (where the group is trained; the tokens are moved there first)."""
+    blocks) and their blocks' singular values are taken, batched over the group, in fp64 on the CPU (a
+    worker builds only the groups it trains: with ``cluster.partition: groups`` each group's once)."""
     by_slot: dict[tuple[str, int], list[Candidate]] = defaultdict(list)
     for c in candidates or ():
         by_slot[(c.group, c.target_layer)].append(c)
@@ -86,11 +85,11 @@ def assemble_groups(
                     f"plan expects {expected}"
                 )
             src.append(cands)
-        groups[name] = _stack_group(name, entries, target_topology, tgt, src, device)
+        groups[name] = _stack_group(name, entries, target_topology, tgt, src)
     return groups
 
 
-def _stack_group(name, entries, topology, tgt, src, device=None) -> GroupInputs:
+def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
     m = len(entries)
     s_max = max(sum(c.n_tokens for c in cands) for cands in src)  # 0 without sources
     d_flat, rank = tgt[0][0].shape[1], tgt[0][1].shape[1]
@@ -105,7 +104,6 @@ def _stack_group(name, entries, topology, tgt, src, device=None) -> GroupInputs:
             src_rows[i, pos : pos + n] = torch.tensor(block_rows(c.d_in, c.b.shape[0], c.block_size))
             src_owner[i, pos : pos + n] = c.source
             pos += n
-    src_tokens = src_tokens.to(device) if device is not None else src_tokens
     slots = [topology.slots[(e.layer, e.role)] for e in entries]
     return GroupInputs(
         name=name, rank=rank, layers=[e.layer for e in entries], modules=[e.module for e in entries],

@@ -297,19 +297,22 @@ class _MappedSafetensors:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             n = int.from_bytes(mm[:8], "little")
             header = json.loads(mm[8 : 8 + n])
-        except (OSError, ValueError) as e:
-            raise AdapterError(path, f"cannot map the file: {e}") from e
-        self.data = torch.frombuffer(mm, dtype=torch.uint8)
-        start = 8 + n
-        self.layout = {k: (v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0], start + v["data_offsets"][1])
-                       for k, v in header.items() if k != "__metadata__"}
+            start = 8 + n
+            self.layout = {k: (v["dtype"], tuple(int(d) for d in v["shape"]), start + int(v["data_offsets"][0]),
+                               start + int(v["data_offsets"][1])) for k, v in header.items() if k != "__metadata__"}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            # the header was checked when the adapter was opened: the file changed since
+            raise AdapterError(path, f"cannot map the file, or its header changed since it was opened: {e}") from e
+        self.data = torch.frombuffer(mm, dtype=torch.uint8) if len(mm) else torch.zeros(0, dtype=torch.uint8)
         self._fallback = None
 
     def tensor(self, key: str) -> torch.Tensor:
+        if key not in self.layout:
+            raise AdapterError(self.path, "no such tensor in the file (it changed since it was opened)", key=key)
         dt, shape, lo, hi = self.layout[key]
         dtype = _SAFETENSORS_DTYPES.get(dt)
         if dtype is not None and lo % dtype.itemsize == 0:
-            if hi > self.data.numel() or hi - lo != math.prod(shape) * dtype.itemsize:
+            if not 0 <= lo <= hi <= self.data.numel() or hi - lo != math.prod(shape) * dtype.itemsize:
                 raise AdapterError(self.path, f"tensor bytes {lo}..{hi} do not hold its {dt} shape {list(shape)} "
                                    f"within the file's {self.data.numel()} bytes", key=key)
             return self.data[lo:hi].view(dtype).view(shape)

@@ -1,6 +1,6 @@
-"""Update candidates: one record per (target slot, aligned source slot), holding the source's
-[A^T ; B] tokens at the target rank and their per-block singular values. Plain tensors plus metadata,
-convertible to and from Arrow so that they can stream through Ray Data."""
+"""Update candidates: one record per (target slot, aligned source slot), holding the source's factors at the
+target rank (A, B and the scale of s·B·A; its tokens are made at assembly). Plain tensors plus metadata,
+convertible to and from Arrow (unpadded rows [A^T ; s·B]) so that they can stream through Ray Data."""
 
 from __future__ import annotations
 
@@ -22,11 +22,12 @@ from hetero_ray.tokens.blocks import harmonize_rank, n_blocks
 @dataclass
 class Candidate:
     """One source slot aligned to one target slot: its factors at the target rank, A (r x d_in) and B
-    (d_out x r), and the scale s of the update s·B·A. As read, A and B are views of the source file's
-    memory map (its private, copy-on-write mapping: nothing can reach the file), so aligning copies no
-    weight. The tokens, [A^T ; s·B] with each part zero-padded to whole blocks of ``block_size`` rows, and
-    their blocks' singular values are made where the groups are assembled, once, by the group's owner
-    (padding would cost up to ~3x the adapter's bytes in transit)."""
+    (d_out x r), and the scale s of the update s·B·A. An fp32 factor already at the target rank is a view of
+    the source file's memory map (its private, copy-on-write mapping: nothing can reach the file), not a
+    copy; half-precision factors, harmonized ranks, controls and interleaved fused rows are copies. The
+    tokens, [A^T ; s·B] with each part zero-padded to whole blocks of ``block_size`` rows, and their blocks'
+    singular values are made where the groups are assembled (padding would cost up to ~3x the adapter's
+    bytes in transit)."""
 
     group: str
     target_module: str
@@ -68,7 +69,7 @@ class Candidate:
         if self.scale == 1.0:
             b_rows.copy_(self.b)
         else:
-            torch.mul(self.b, self.scale, out=b_rows)
+            torch.mul(self.b.float(), self.scale, out=b_rows)  # in fp32 whatever B's dtype
 
     @property
     def rows(self) -> torch.Tensor:
@@ -122,7 +123,7 @@ def source_candidates(
     same Frobenius norm per module (A and B each), and so on; the teacher gets the same replacement.
 
     Each module is read once and each source slot's factors taken once, however many target slots it feeds.
-    At the target's rank the candidates hold views of the read tensors, so aligning copies no weight; tokens,
+    At the target's rank the candidates of an fp32 adapter hold views of the read tensors (no copy); tokens,
     padding and singular values are made at assembly (:func:`hetero_ray.denoise.fusion.assemble_groups`).
     """
     if not control.reads_sources:
@@ -194,7 +195,7 @@ def candidates_from_arrow(table: pa.Table) -> list[Candidate]:
     frees). The scale is already in B's rows."""
     table = table.combine_chunks()
     scalars = {name: table.column(name).to_pylist() for name in _SCALARS}
-    values = table.column("rows").chunk(0).flatten().to_numpy() if table.num_rows else None
+    values = table.column("rows").chunk(0).values.to_numpy() if table.num_rows else None  # offsets index it
     offsets = table.column("rows").chunk(0).offsets.to_numpy() if table.num_rows else None
     out = []
     with warnings.catch_warnings():  # Arrow's buffers are read-only: so are these views, by contract

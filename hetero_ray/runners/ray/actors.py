@@ -26,13 +26,15 @@ class FamilyActor:
         self.plan = AlignmentPlan.from_dict(plan)
         self.block_size = block_size
         self.base_models: dict = {}  # the family's base model(s), loaded once for every source's teacher
-        self.opened: dict[int, tuple] = {}  # each source opened (and its file mapped) once, for all its chunks
+        self.opened: dict[int, tuple] = {}  # the last sources opened (files mapped), for their next chunks
 
     def _open(self, source: int, what: str):
         if source not in self.opened:
             adapter, topo = open_source(self.spec, source)
             if topo.family.name != self.family:
                 raise ValueError(f"source {source} is {topo.family.name}, this actor {what} {self.family}")
+            while len(self.opened) >= 2:  # a source's chunks come in a row: older ones are done
+                self.opened.pop(next(iter(self.opened)))
             self.opened[source] = adapter, topo
         return self.opened[source]
 

@@ -224,7 +224,7 @@ def train_loop(config: dict) -> None:
              if spec.control.reads_sources else None)
     memory.mark("candidates_read")
     device = ray.train.torch.get_device() if spec.cluster.use_gpu else torch.device("cpu")
-    groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block, own, device).items()}
+    groups = {n: g.to(device) for n, g in assemble_groups(plan, target, ttopo, cands, block, own).items()}
     candidate_rows = len(cands or ())
     memory.mark("groups_assembled")
     del cands  # the groups hold the tokens now: the candidate list is not kept beside them
