@@ -58,7 +58,8 @@ def alignment_rates(spec, repeats: int, ray: bool) -> dict:
             from hetero_ray.runners.ray.driver import align_sources
 
             t0 = time.perf_counter()
-            align_sources(spec, o.plan, o.block)[0].count()
+            o = open_and_align(spec)  # the driver opens the inputs (headers), the actors read the tensors
+            align_sources(spec, o.plan, o.block, opened=o.sources)[0].count()
             on_ray.append(time.perf_counter() - t0)
     out = {"adapter_MB": round(n_bytes / 1e6, 2), "raw_read_MBps": round(n_bytes / min(raw) / 1e6, 1),
            "raw_read_touched_MBps": round(n_bytes / min(touched) / 1e6, 1),

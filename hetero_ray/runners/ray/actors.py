@@ -20,17 +20,21 @@ class FamilyActor:
     """Aligns every source of one family; a restarted actor redoes its work with identical results
     (everything it computes is a deterministic function of the spec)."""
 
-    def __init__(self, spec: dict, family: str, plan: dict, block_size: int):
+    def __init__(self, spec: dict, family: str, plan: dict, block_size: int, opened: dict | None = None):
+        """``opened``: the family's sources as the driver opened them ({index: (adapter, topology)}: headers,
+        configs and topology, no tensor), so that the actor reads tensors without opening the sources again
+        (which would import transformers' config classes in every actor); absent, it opens them itself."""
         self.spec = FusionSpec.model_validate(spec)
         self.family = family
         self.plan = AlignmentPlan.from_dict(plan)
         self.block_size = block_size
         self.base_models: dict = {}  # the family's base model(s), loaded once for every source's teacher
+        self.given = dict(opened or {})
         self.opened: dict[int, tuple] = {}  # the last sources opened (files mapped), for their next chunks
 
     def _open(self, source: int, what: str):
         if source not in self.opened:
-            adapter, topo = open_source(self.spec, source)
+            adapter, topo = self.given.get(source) or open_source(self.spec, source)
             if topo.family.name != self.family:
                 raise ValueError(f"source {source} is {topo.family.name}, this actor {what} {self.family}")
             while len(self.opened) >= 2:  # a source's chunks come in a row: older ones are done

@@ -131,12 +131,14 @@ def empty_candidates():
 
 
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None,
-                  candidates: bool = True, teach: bool = False):
+                  candidates: bool = True, teach: bool = False, opened: list | None = None):
     """FamilyActors per family present: every (source, chunk of target layers) is one actor task, spread over
     ``aligners_per_family`` actors of the family so that many sources of few families align in parallel;
     with ``teach`` every source's teacher signals one more task, all on the family's first actor (its base
-    model is loaded once). Returns the candidate Dataset, materialized once in the object store (None without
-    ``candidates``), and the teacher signals in source order."""
+    model is loaded once). ``opened``: every source as :func:`open_and_align` opened it (adapter, topology),
+    handed to its family's actors so that they need not open it again. Returns the candidate Dataset,
+    materialized once in the object store (None without ``candidates``), and the teacher signals in source
+    order."""
     import ray
 
     families: dict[str, list[int]] = {}
@@ -151,9 +153,11 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     cpus = min(ray.cluster_resources().get("CPU", 1), (os.cpu_count() or 1) * max(1, nodes))
     pool_size = aligners_per_family(cpus, len(families))
     spec_json, plan_json = spec.model_dump(mode="json"), plan.to_dict()
+    given = {fam: ray.put({i: opened[i] for i in indices}) if opened else None for fam, indices in families.items()}
     actors = {
         fam: [FamilyActor.options(num_cpus=ACTOR_CPUS, runtime_env=faults.runtime_env(), **(gpus if k == 0 else {}))
-              .remote(spec_json, fam, plan_json, block) for k in range(max(1, min(pool_size, len(chunks[fam]))))]
+              .remote(spec_json, fam, plan_json, block, given[fam])
+              for k in range(max(1, min(pool_size, len(chunks[fam]))))]
         for fam in families
     }
     refs, what, teach_refs = [], {}, {}
@@ -308,7 +312,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     teach = any(OBJECTIVES.lookup(n).needs_teacher for n in objective_weights(spec))
     candidates, signals = None, []
     if spec.control.reads_sources or teach:
-        candidates, signals = align_sources(spec, plan, block, on_progress, spec.control.reads_sources, teach)
+        candidates, signals = align_sources(spec, plan, block, on_progress, spec.control.reads_sources, teach, sources)
     candidates = candidates if candidates is not None else empty_candidates()
     timings["align_s"] = time.perf_counter() - t0
     replay = replay_dataset(spec, tokenizer)
