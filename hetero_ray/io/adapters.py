@@ -327,7 +327,8 @@ class _MappedSafetensors:
 def _safetensors_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     try:
         with safe_open(str(weights), framework="pt") as f:
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118
+            header = {k: (tuple(sl.get_shape()), sl.get_dtype()) for k, sl in slices.items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(weights, f"not a valid safetensors file: {e}") from e
     for key, (_, dtype) in header.items():
