@@ -183,6 +183,12 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
     return {**{k: round(v, 4) for k, v in best.items()}, "raw_read": round(raw_s, 4)}
 
 
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def run(args: argparse.Namespace, root: Path) -> None:
     import torch
 
@@ -229,6 +235,8 @@ def run(args: argparse.Namespace, root: Path) -> None:
         "alignment_share_of_raw": round(raw_s / align_s, 3),
         "alignment_share_of_raw_touched": round(touched_s / align_s, 3),
         "alignment_parts_s": alignment_parts(spec, raw_s, args.repeats),
+        # the in-process runner's whole first stage: alignment, then the groups' tokens and singular values
+        "prepare_groups_s": round(min(_timed(prepare_groups, spec) for _ in range(max(1, args.repeats))), 4),
     }
     if args.ray:  # the same sources through the FamilyActors into a materialized Ray Dataset
 
