@@ -72,10 +72,10 @@ def block_rows(d_in: int, d_out: int, block_size: int) -> list[int]:
 def block_singular_values(tokens: torch.Tensor, rank: int, rows: torch.Tensor | None = None,
                           chunk_bytes: int = 64 << 20) -> torch.Tensor:
     """(..., n, b * r) -> (..., n, min(b, r)): the singular values of each b x r block, fp32, no gradient.
-    ``rows`` (..., n) gives each block's real rows (0: a padding token, whose values
-    are 0): the Grams then skip the zero rows of padded blocks, which change no singular value. Blocks of one
-    row count are batched, in chunks that keep the fp64 working copy under ``chunk_bytes`` (a group's tokens
-    can be GBs at paper scale)."""
+    ``rows`` (..., n) gives each block's real rows (0: a padding token, whose values are 0): the Grams then
+    skip the zero rows of padded blocks, which change no singular value. Blocks of one row count are batched,
+    in chunks that keep the fp64 working copy under ``chunk_bytes`` (a group's tokens can be GBs at paper
+    scale)."""
     lead, d = tokens.shape[:-1], tokens.shape[-1]
     b = d // rank
     flat = tokens.reshape(-1, b, rank)
