@@ -170,7 +170,6 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
             total = time.perf_counter() - t0
             parts = {"total": total, "open": open_s, "read": spent["read"],
                      "other": total - open_s - spent["read"]}
-            spent["singular_values"] = 0.0
             target, ttopo = open_target(spec)
             t0 = time.perf_counter()
             fusion.assemble_groups(plan, target, ttopo, cands, block)

@@ -86,9 +86,7 @@ def block_singular_values(tokens: torch.Tensor, rank: int, rows: torch.Tensor | 
         step = max(1, chunk_bytes // max(1, h * rank * 8))
         for lo in range(0, idx.numel(), step):
             part = idx[lo : lo + step]
-            x = flat[part, :h].double()
-            with torch.no_grad():
-                sig = gram_singular_values(x.mT @ x, min(h, rank))
+            sig = singular_values(flat[part, :h])
             out[part, : sig.shape[-1]] = sig
     return out.reshape(*lead, out.shape[-1])
 
