@@ -101,7 +101,7 @@ def _stack_group(name, entries, topology, tgt, src) -> GroupInputs:
         for c in cands:
             n = c.n_tokens
             c.write_tokens(src_tokens[i, pos : pos + n])  # the padding made here, into the group's zeros
-            src_rows[i, pos : pos + n] = torch.tensor(block_rows(c.d_in, c.b.shape[0], c.block_size))
+            src_rows[i, pos : pos + n] = torch.tensor(block_rows(c.d_in, c.d_out, c.block_size))
             src_owner[i, pos : pos + n] = c.source
             pos += n
     slots = [topology.slots[(e.layer, e.role)] for e in entries]

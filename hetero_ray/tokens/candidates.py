@@ -52,6 +52,10 @@ class Candidate:
         return self.a.shape[1]
 
     @property
+    def d_out(self) -> int:
+        return self.b.shape[0]
+
+    @property
     def rank(self) -> int:
         return self.a.shape[0]
 
@@ -61,9 +65,9 @@ class Candidate:
 
     @property
     def n_tokens(self) -> int:
-        return self.n_a_blocks + n_blocks(self.b.shape[0], self.block_size)
+        return self.n_a_blocks + n_blocks(self.d_out, self.block_size)
 
-    def write_rows(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> None:
+    def _write(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> None:
         """Write A^T into ``a_rows`` (d_in x r) and s·B into ``b_rows`` (d_out x r)."""
         a_rows.copy_(self.a.T)
         if self.scale == 1.0:
@@ -71,11 +75,15 @@ class Candidate:
         else:
             torch.mul(self.b.float(), self.scale, out=b_rows)  # in fp32 whatever B's dtype
 
+    def write_rows(self, out: torch.Tensor) -> None:
+        """Write the unpadded rows [A^T ; s·B] into ``out`` ((d_in + d_out) x r)."""
+        self._write(out[: self.d_in], out[self.d_in :])
+
     @property
     def rows(self) -> torch.Tensor:
         """(d_in + d_out, rank), fp32: [A^T ; s·B], unpadded."""
-        out = torch.empty(self.d_in + self.b.shape[0], self.rank)
-        self.write_rows(out[: self.d_in], out[self.d_in :])
+        out = torch.empty(self.d_in + self.d_out, self.rank)
+        self.write_rows(out)
         return out
 
     def write_tokens(self, out: torch.Tensor) -> None:
@@ -83,7 +91,7 @@ class Candidate:
         r, split = self.rank, self.n_a_blocks * self.block_size
         assert out.shape == (self.n_tokens, self.block_size * r)
         flat = out.view(-1, r)
-        self.write_rows(flat[: self.d_in], flat[split : split + self.b.shape[0]])
+        self._write(flat[: self.d_in], flat[split : split + self.d_out])
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -175,13 +183,12 @@ def candidates_to_arrow(candidates: Iterable[Candidate]) -> pa.Table:
     float32 list, written straight into the table's one values buffer (the only copy alignment makes)."""
     candidates = list(candidates)
     cols: dict[str, list] = {name: [getattr(c, name) for c in candidates] for name in _SCALARS}
-    sizes = [(c.d_in + c.b.shape[0]) * c.rank for c in candidates]
+    sizes = [(c.d_in + c.d_out) * c.rank for c in candidates]
     offsets = np.zeros(len(candidates) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     values = torch.empty(int(offsets[-1]))
     for c, lo, n in zip(candidates, offsets[:-1].tolist(), sizes, strict=True):
-        rows = values[lo : lo + n].view(-1, c.rank)
-        c.write_rows(rows[: c.d_in], rows[c.d_in :])
+        c.write_rows(values[lo : lo + n].view(-1, c.rank))
     arrays = [pa.array(cols[f.name], type=f.type) for f in CANDIDATE_SCHEMA if f.name != "rows"]
     arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.numpy())))
     return pa.Table.from_arrays(arrays, schema=CANDIDATE_SCHEMA)
