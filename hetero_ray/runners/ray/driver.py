@@ -131,7 +131,7 @@ def empty_candidates():
 
 
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None,
-                  candidates: bool = True, teach: bool = False, opened: list | None = None):
+                  candidates: bool = True, teach: bool = False, *, opened: list):
     """FamilyActors per family present: every (source, chunk of target layers) is one actor task, spread over
     ``aligners_per_family`` actors of the family so that many sources of few families align in parallel;
     with ``teach`` every source's teacher signals one more task, all on the family's first actor (its base
@@ -153,7 +153,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     cpus = min(ray.cluster_resources().get("CPU", 1), (os.cpu_count() or 1) * max(1, nodes))
     pool_size = aligners_per_family(cpus, len(families))
     spec_json, plan_json = spec.model_dump(mode="json"), plan.to_dict()
-    given = {fam: ray.put({i: opened[i] for i in indices}) if opened else None for fam, indices in families.items()}
+    given = {fam: ray.put({i: opened[i] for i in indices}) for fam, indices in families.items()}
     actors = {
         fam: [FamilyActor.options(num_cpus=ACTOR_CPUS, runtime_env=faults.runtime_env(), **(gpus if k == 0 else {}))
               .remote(spec_json, fam, plan_json, block, given[fam])
@@ -312,7 +312,8 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     teach = any(OBJECTIVES.lookup(n).needs_teacher for n in objective_weights(spec))
     candidates, signals = None, []
     if spec.control.reads_sources or teach:
-        candidates, signals = align_sources(spec, plan, block, on_progress, spec.control.reads_sources, teach, sources)
+        candidates, signals = align_sources(spec, plan, block, on_progress, spec.control.reads_sources, teach,
+                                            opened=sources)
     candidates = candidates if candidates is not None else empty_candidates()
     timings["align_s"] = time.perf_counter() - t0
     replay = replay_dataset(spec, tokenizer)
