@@ -116,6 +116,16 @@ def align_pass(spec, keep: bool = False):
     return open_s, plan, block, list(cands) if keep else sum(1 for _ in cands)
 
 
+def ray_align_pass(spec):
+    """One alignment pass on Ray as a run makes it: the driver opens the inputs (headers), FamilyActors read
+    the tensors, each pass starting its actors. Returns the materialized candidate Dataset."""
+    from hetero_ray.runners.prepare import open_and_align
+    from hetero_ray.runners.ray.driver import align_sources
+
+    o = open_and_align(spec)
+    return align_sources(spec, o.plan, o.block, opened=o.sources)[0]
+
+
 def raw_read(files) -> tuple[float, float]:
     """Seconds to read ``files`` with safetensors' ``load_file``, which maps them (no byte is touched until
     used), and to read them touching every byte once (one sum per tensor): the floor of any pass that looks
@@ -239,16 +249,13 @@ def run(args: argparse.Namespace, root: Path) -> None:
     }
     if args.ray:  # the same sources through the FamilyActors into a materialized Ray Dataset
 
-        from hetero_ray.runners.prepare import open_and_align
-        from hetero_ray.runners.ray.driver import align_sources, ensure_ray
+        from hetero_ray.runners.ray.driver import ensure_ray
 
         ensure_ray()  # as the CLI starts it: logical CPUs beyond the actors for Ray Data
         ray_s = []
         for _ in range(max(2, args.repeats)):  # each pass starts its actors, as a run does
             t0 = time.perf_counter()
-            o = open_and_align(spec)  # the driver opens the inputs (headers), the actors read the tensors
-            ds, _ = align_sources(spec, o.plan, o.block, opened=o.sources)
-            assert ds.count() == n_cand
+            assert ray_align_pass(spec).count() == n_cand
             ray_s.append(time.perf_counter() - t0)
         table |= {"ray_alignment_s": [round(x, 3) for x in ray_s],
                   "ray_alignment_MBps": round(n_bytes / min(ray_s) / 1e6, 1),

@@ -30,7 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.benchmark_pipeline import add_rdm_arguments, build_zoo, raw_read, rdm_method  # noqa: E402
+from jobs.benchmark_pipeline import (  # noqa: E402
+    add_rdm_arguments,
+    align_pass,
+    build_zoo,
+    raw_read,
+    ray_align_pass,
+    rdm_method,
+)
 
 PARTS = ("target", "nets_forward", "rdm", "nets_backward", "optimizer")
 MIB, GIB = 1 << 20, 1 << 30
@@ -39,8 +46,6 @@ MIB, GIB = 1 << 20, 1 << 30
 def alignment_rates(spec, repeats: int, ray: bool) -> dict:
     """MB/s of a raw read of the source files (safetensors' mapping, and one touching every byte), of
     alignment in this process, and on Ray."""
-    from hetero_ray.runners.prepare import candidates_of, open_and_align
-
     files = [Path(s.adapter) / "adapter_model.safetensors" for s in spec.sources]
     n_bytes = sum(f.stat().st_size for f in files)
     raw, touched, aligned, on_ray = [], [], [], []
@@ -49,17 +54,11 @@ def alignment_rates(spec, repeats: int, ray: bool) -> dict:
         raw.append(r[0])
         touched.append(r[1])
         t0 = time.perf_counter()
-        o = open_and_align(spec)
-        for i, (a, t) in enumerate(o.sources):
-            for _ in candidates_of(spec, o.plan, i, a, t, o.block):
-                pass
+        align_pass(spec)
         aligned.append(time.perf_counter() - t0)
         if ray:
-            from hetero_ray.runners.ray.driver import align_sources
-
             t0 = time.perf_counter()
-            o = open_and_align(spec)  # the driver opens the inputs (headers), the actors read the tensors
-            align_sources(spec, o.plan, o.block, opened=o.sources)[0].count()
+            ray_align_pass(spec).count()
             on_ray.append(time.perf_counter() - t0)
     out = {"adapter_MB": round(n_bytes / 1e6, 2), "raw_read_MBps": round(n_bytes / min(raw) / 1e6, 1),
            "raw_read_touched_MBps": round(n_bytes / min(touched) / 1e6, 1),
