@@ -153,11 +153,12 @@ def test_candidates_round_trip_through_arrow_exactly(zoo, tmp_path):
     for x, y in zip(cands, back, strict=True):
         assert (x.group, x.target_module, x.source_id, x.source_layer, x.n_a_blocks) == (
             y.group, y.target_module, y.source_id, y.source_layer, y.n_a_blocks)
-        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.rows, y.rows)
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.a, y.a) and torch.equal(x.b, y.b)
+        assert x.scale == y.scale
     table = candidates_to_arrow(cands)  # a slice of the table (as a Ray Data batch can be) reads its own rows
     part = candidates_from_arrow(table.slice(2, 3))
     assert [c.key for c in part] == [c.key for c in cands[2:5]]
-    assert all(torch.equal(x.rows, y.rows) for x, y in zip(part, cands[2:5], strict=True))
+    assert all(torch.equal(x.a, y.a) and torch.equal(x.b, y.b) for x, y in zip(part, cands[2:5], strict=True))
 
 
 def test_candidates_from_arrow_are_views_of_the_tables_buffers(zoo, tmp_path):
@@ -165,9 +166,9 @@ def test_candidates_from_arrow_are_views_of_the_tables_buffers(zoo, tmp_path):
     candidate's factors lie inside the Arrow buffer they came from."""
     table = candidates_to_arrow(_candidates(zoo, tmp_path))
     back = candidates_from_arrow(table)
-    values = table.column("rows").chunk(0).values.buffers()[1]
+    values = table.column("factors").chunk(0).values.buffers()[1]
     for c in back:
-        for t in (c.a, c.b):  # A^T and B: dense blocks of the rows (A a transposed view)
+        for t in (c.a, c.b):
             assert values.address <= t.data_ptr() and t.data_ptr() + t.nbytes <= values.address + values.size
 
 

@@ -168,8 +168,8 @@ def test_source_candidates_match_the_per_module_reference_and_read_each_tensor_o
     """Alignment (each module read once; at the target's rank the candidates are views of the file's mapping,
     no copy) gives the per-module computation's tokens bit for bit, and assembly the blocks' singular values
     (batched per group, from Grams) to 1e-5, for sources of lower, equal and higher rank and Phi-3's fused
-    projections; asked for some target layers, it yields exactly those; through Arrow the rows travel
-    unpadded and come back exact."""
+    projections; asked for some target layers, it yields exactly those; through Arrow the factors and the
+    scale travel unpadded and come back exact."""
     from hetero_ray.controls import Control, control_factors
     from hetero_ray.denoise.fusion import assemble_groups
     from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target
@@ -202,19 +202,20 @@ def test_source_candidates_match_the_per_module_reference_and_read_each_tensor_o
                 b = b.float() * adapter.module_scaling(slot.module.path)
             tokens, sigmas, n_a = module_tokens(*harmonize_rank(a, b, e.rank), 64)
             assert torch.equal(c.tokens, tokens) and c.n_a_blocks == n_a and c.n_tokens == tokens.shape[0]
-            assert c.rows.shape == (f.d_in + f.d_out, e.rank)
+            assert c.a.shape == (e.rank, f.d_in) and c.b.shape == (f.d_out, e.rank)
             want_sigmas[c.key] = sigmas
             if f.harmonize == "none" and control == "none" and not slot.fused:
                 assert c.a.data_ptr() == a.data_ptr()  # the read tensor itself, not a copy
                 views += 1
             harmonized.add(f.harmonize)
         every += got
-        back = candidates_from_arrow(candidates_to_arrow(got))  # what Ray Data carries: unpadded rows
-        assert [(x.key, x.d_in, x.block_size, x.source_layer) for x in back] == [
-            (x.key, x.d_in, x.block_size, x.source_layer) for x in got]
-        assert all(torch.equal(x.rows, y.rows) and torch.equal(x.tokens, y.tokens)
+        back = candidates_from_arrow(candidates_to_arrow(got))  # what Ray Data carries: A, B and s
+        assert [(x.key, x.d_in, x.block_size, x.source_layer, x.scale) for x in back] == [
+            (x.key, x.d_in, x.block_size, x.source_layer, x.scale) for x in got]
+        assert all(torch.equal(x.a, y.a) and torch.equal(x.b, y.b) and torch.equal(x.tokens, y.tokens)
                    for x, y in zip(back, got, strict=True))
-        assert sum(x.rows.numel() for x in got) < sum(x.tokens.numel() for x in got)  # no padding in transit
+        # no padding in transit
+        assert sum(x.a.numel() + x.b.numel() for x in got) < sum(x.tokens.numel() for x in got)
         some = sorted({e.layer for e, _ in want})[::2]
         part = list(candidates_of(spec, plan, i, adapter, topo, 64, some))
         assert [(c.target_layer, c.role, c.source) for c in part] == [

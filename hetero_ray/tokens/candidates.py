@@ -1,6 +1,7 @@
 """Update candidates: one record per (target slot, aligned source slot), holding the source's factors at the
 target rank (A, B and the scale of s·B·A; its tokens are made at assembly). Plain tensors plus metadata,
-convertible to and from Arrow (unpadded rows [A^T ; s·B]) so that they can stream through Ray Data."""
+convertible to and from Arrow (the factors A and B as they are, and s) so that they can stream through Ray
+Data."""
 
 from __future__ import annotations
 
@@ -67,31 +68,18 @@ class Candidate:
     def n_tokens(self) -> int:
         return self.n_a_blocks + n_blocks(self.d_out, self.block_size)
 
-    def _write(self, a_rows: torch.Tensor, b_rows: torch.Tensor) -> None:
-        """Write A^T into ``a_rows`` (d_in x r) and s·B into ``b_rows`` (d_out x r)."""
-        a_rows.copy_(self.a.T)
-        if self.scale == 1.0:
-            b_rows.copy_(self.b)
-        else:
-            torch.mul(self.b.float(), self.scale, out=b_rows)  # in fp32 whatever B's dtype
-
-    def write_rows(self, out: torch.Tensor) -> None:
-        """Write the unpadded rows [A^T ; s·B] into ``out`` ((d_in + d_out) x r)."""
-        self._write(out[: self.d_in], out[self.d_in :])
-
-    @property
-    def rows(self) -> torch.Tensor:
-        """(d_in + d_out, rank), fp32: [A^T ; s·B], unpadded."""
-        out = torch.empty(self.d_in + self.d_out, self.rank)
-        self.write_rows(out)
-        return out
-
     def write_tokens(self, out: torch.Tensor) -> None:
-        """Write the tokens into ``out`` ((n_tokens, block_size * rank), zero-filled)."""
+        """Write the tokens into ``out`` ((n_tokens, block_size * rank), zero-filled): A^T from the first row,
+        s·B (in fp32 whatever B's dtype) from the first row of the B blocks."""
         r, split = self.rank, self.n_a_blocks * self.block_size
         assert out.shape == (self.n_tokens, self.block_size * r)
         flat = out.view(-1, r)
-        self._write(flat[: self.d_in], flat[split : split + self.d_out])
+        flat[: self.d_in].copy_(self.a.T)
+        b_rows = flat[split : split + self.d_out]
+        if self.scale == 1.0:
+            b_rows.copy_(self.b)
+        else:
+            torch.mul(self.b.float(), self.scale, out=b_rows)
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -173,43 +161,46 @@ def _slot_factors(adapter, slot, feed, rank, control, seed, source_id, modules
 _SCALARS = {
     "group": pa.string(), "target_module": pa.string(), "target_layer": pa.int32(), "role": pa.string(),
     "source": pa.int32(), "source_id": pa.string(), "family": pa.string(), "source_layer": pa.int32(),
-    "d_in": pa.int32(), "block_size": pa.int32(), "rank": pa.int32(),
+    "d_in": pa.int32(), "block_size": pa.int32(), "rank": pa.int32(), "scale": pa.float64(),
 }
-CANDIDATE_SCHEMA = pa.schema([*_SCALARS.items(), ("rows", pa.large_list(pa.float32()))])
+CANDIDATE_SCHEMA = pa.schema([*_SCALARS.items(), ("factors", pa.large_list(pa.float32()))])
 
 
 def candidates_to_arrow(candidates: Iterable[Candidate]) -> pa.Table:
-    """Arrow table with one row per candidate: its scalars, and its unpadded rows [A^T ; s·B] as one flat
-    float32 list, written straight into the table's one values buffer (the only copy alignment makes)."""
+    """Arrow table with one row per candidate: its scalars (the scale s among them), and its factors A
+    (r x d_in) then B (d_out x r), row-major, as one flat float32 list, copied straight into the table's one
+    values buffer (the only copy alignment makes: no transpose, no scaling; the tokens are written at
+    assembly, as for candidates made in process)."""
     candidates = list(candidates)
     cols: dict[str, list] = {name: [getattr(c, name) for c in candidates] for name in _SCALARS}
     sizes = [(c.d_in + c.d_out) * c.rank for c in candidates]
     offsets = np.zeros(len(candidates) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
     values = torch.empty(int(offsets[-1]))
-    for c, lo, n in zip(candidates, offsets[:-1].tolist(), sizes, strict=True):
-        c.write_rows(values[lo : lo + n].view(-1, c.rank))
-    arrays = [pa.array(cols[f.name], type=f.type) for f in CANDIDATE_SCHEMA if f.name != "rows"]
+    for c, lo in zip(candidates, offsets[:-1].tolist(), strict=True):
+        split = lo + c.a.numel()
+        values[lo:split].view(c.a.shape).copy_(c.a)
+        values[split : split + c.b.numel()].view(c.b.shape).copy_(c.b)
+    arrays = [pa.array(cols[f.name], type=f.type) for f in CANDIDATE_SCHEMA if f.name != "factors"]
     arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values.numpy())))
     return pa.Table.from_arrays(arrays, schema=CANDIDATE_SCHEMA)
 
 
 def candidates_from_arrow(table: pa.Table) -> list[Candidate]:
-    """Inverse of :func:`candidates_to_arrow` (bit-exact in the tokens). The factors are read-only views of
-    the table's buffers, not copies (on Ray, the object store's shared memory): they keep the table alive,
-    nothing may write to them, and assembly copies them once, into the groups' tensors. A copy here would
-    hold every token twice in a worker's heap while the groups are built (the allocator keeps what it
-    frees). The scale is already in B's rows."""
+    """Inverse of :func:`candidates_to_arrow` (bit-exact). The factors are read-only views of the table's
+    buffers, not copies (on Ray, the object store's shared memory): they keep the table alive, nothing may
+    write to them, and assembly copies them once, into the groups' tensors. A copy here would hold every
+    token twice in a worker's heap while the groups are built (the allocator keeps what it frees)."""
     table = table.combine_chunks()
     scalars = {name: table.column(name).to_pylist() for name in _SCALARS}
-    values = table.column("rows").chunk(0).values.to_numpy() if table.num_rows else None  # offsets index it
-    offsets = table.column("rows").chunk(0).offsets.to_numpy() if table.num_rows else None
+    values = table.column("factors").chunk(0).values.to_numpy() if table.num_rows else None  # offsets index it
+    offsets = table.column("factors").chunk(0).offsets.to_numpy() if table.num_rows else None
     out = []
     with warnings.catch_warnings():  # Arrow's buffers are read-only: so are these views, by contract
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for i in range(table.num_rows):
             d_in, r = scalars["d_in"][i], scalars["rank"][i]
-            rows = torch.from_numpy(values[offsets[i] : offsets[i + 1]]).reshape(-1, r)
+            factors = torch.from_numpy(values[offsets[i] : offsets[i + 1]])
             fields = {k: v[i] for k, v in scalars.items() if k not in ("d_in", "rank")}
-            out.append(Candidate(**fields, a=rows[:d_in].T, b=rows[d_in:]))
+            out.append(Candidate(**fields, a=factors[: r * d_in].view(r, d_in), b=factors[r * d_in :].view(-1, r)))
     return out
