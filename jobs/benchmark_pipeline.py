@@ -116,14 +116,25 @@ def align_pass(spec, keep: bool = False):
     return open_s, plan, block, list(cands) if keep else sum(1 for _ in cands)
 
 
-def ray_align_pass(spec):
+def ray_align_pass(spec, parts: dict | None = None):
     """One alignment pass on Ray as a run makes it: the driver opens the inputs (headers), FamilyActors read
-    the tensors, each pass starting its actors. Returns the materialized candidate Dataset."""
+    the tensors, each pass starting its actors. Returns the materialized candidate Dataset. ``parts`` gets
+    where the pass's time went, by the driver's progress events: ``open`` (the driver's open and plan),
+    ``to_first_task`` (starting the actors, until the first task is done), ``tasks`` (from then to the last)
+    and ``dataset`` (the candidate Dataset made from the tasks' tables and materialized)."""
     from hetero_ray.runners.prepare import open_and_align
     from hetero_ray.runners.ray.driver import align_sources
 
+    t0 = time.perf_counter()
     o = open_and_align(spec)
-    return align_sources(spec, o.plan, o.block, opened=o.sources)[0]
+    t_open = time.perf_counter()
+    done: list[float] = []
+    ds = align_sources(spec, o.plan, o.block, lambda _: done.append(time.perf_counter()), opened=o.sources)[0]
+    end = time.perf_counter()
+    if parts is not None and done:
+        parts |= {"open": t_open - t0, "to_first_task": done[0] - t_open, "tasks": done[-1] - done[0],
+                  "dataset": end - done[-1]}
+    return ds
 
 
 def raw_read(files) -> tuple[float, float]:
@@ -149,11 +160,13 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
     tensors (mapping the files and checking that the values are finite), and the rest (rank harmonization,
     controls, candidates). Beside them, the raw read of the same files from the timed passes, and what the
     groups' assembly then costs (``assembly``: tokens, padding and the blocks' singular values, of which
-    ``singular_values``), which alignment no longer does."""
+    ``singular_values``), which alignment no longer does, and what writing the candidates as Arrow costs
+    (``to_arrow``: what the FamilyActors add on Ray, for their tables)."""
     from hetero_ray.denoise import fusion
     from hetero_ray.io import adapters
     from hetero_ray.runners.prepare import open_target
     from hetero_ray.tokens import blocks
+    from hetero_ray.tokens.candidates import candidates_to_arrow
 
     spent = {"read": 0.0, "singular_values": 0.0}
 
@@ -184,6 +197,9 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
             t0 = time.perf_counter()
             fusion.assemble_groups(plan, target, ttopo, cands, block)
             parts |= {"assembly": time.perf_counter() - t0, "singular_values": spent["singular_values"]}
+            t0 = time.perf_counter()
+            candidates_to_arrow(cands)
+            parts["to_arrow"] = time.perf_counter() - t0
             if best is None or total < best["total"]:
                 best = parts
     finally:
@@ -253,11 +269,15 @@ def run(args: argparse.Namespace, root: Path) -> None:
 
         ensure_ray()  # as the CLI starts it: logical CPUs beyond the actors for Ray Data
         ray_s = []
+        ray_parts = []
         for _ in range(max(2, args.repeats)):  # each pass starts its actors, as a run does
             t0 = time.perf_counter()
-            assert ray_align_pass(spec).count() == n_cand
+            ray_parts.append({})
+            assert ray_align_pass(spec, ray_parts[-1]).count() == n_cand
             ray_s.append(time.perf_counter() - t0)
+        # the first pass is what a run sees (a fresh Ray starts Ray Data's workers); the others, warmer
         table |= {"ray_alignment_s": [round(x, 3) for x in ray_s],
+                  "ray_alignment_parts_s": [{k: round(v, 3) for k, v in p.items()} for p in ray_parts],
                   "ray_alignment_MBps": round(n_bytes / min(ray_s) / 1e6, 1),
                   "ray_over_in_process_time": round(min(ray_s) / align_s, 2)}
     if args.align_only:

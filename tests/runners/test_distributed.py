@@ -122,6 +122,30 @@ def test_many_aligners_per_family_give_the_same_adapter(zoo, zero3_run, tmp_path
     assert _max_diff(_tensors(result.output), _tensors(res2.output)) < 1e-6  # as the fault tests hold
 
 
+def test_candidates_through_ray_are_the_in_process_ones_and_the_benchmark_splits_the_pass(zoo, ray_local, tmp_path):
+    """The FamilyActors' Arrow tables, read back as a worker reads them, give the candidates an in-process
+    alignment makes: the same factors, scale and tokens. The pipeline benchmark's Ray pass (which this
+    drives) splits its time into the driver's open, the actors' start, the tasks and the Dataset."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from benchmark_pipeline import align_pass, ray_align_pass
+
+    from hetero_ray.tokens.candidates import candidates_from_arrow
+
+    spec = _spec(zoo, tmp_path, "arrow")
+    *_, local = align_pass(spec, keep=True)
+    parts: dict = {}
+    ds = ray_align_pass(spec, parts)
+    got = [c for t in ds.iter_batches(batch_format="pyarrow", batch_size=None) for c in candidates_from_arrow(t)]
+    assert sorted(c.key for c in got) == sorted(c.key for c in local) and len(got) == len(local) > 0
+    by_key = {(c.key, c.role): c for c in local}
+    for c in got:
+        want = by_key[(c.key, c.role)]
+        assert c.scale == want.scale
+        assert torch.equal(c.a, want.a) and torch.equal(c.b, want.b) and torch.equal(c.tokens, want.tokens)
+    assert any(c.scale != 1.0 for c in got)  # the scale travels beside B, not folded into it
+    assert set(parts) == {"open", "to_first_task", "tasks", "dataset"} and all(v >= 0 for v in parts.values())
+
+
 def test_one_worker_zero0_matches_two_workers_zero3(zoo, zero3_run, tmp_path):
     """Same spec and seed: 1 worker ZeRO-0 vs 2 workers ZeRO-3, and the in-process reference. The only
     differences are float summation orders (micro-batch gradients summed per worker, then all-reduced)."""
