@@ -7,6 +7,9 @@ Fused projections (Phi-3 ``qkv_proj`` and ``gate_up_proj``, GPT-2 ``c_attn``, GP
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -240,7 +243,24 @@ def find_base_config(adapter: LoraAdapter, base: str | Path | None = None) -> tu
 def with_defaults(config: dict) -> dict:
     """The config as transformers reads it: values a config.json leaves out take their class's defaults
     (a Gemma-3 ``text_config`` often omits head counts and ``head_dim``). Unchanged for a model type
-    transformers does not know, or a config it cannot build."""
+    transformers does not know, or a config it cannot build. Building transformers' config class costs ~1 ms,
+    so one result per distinct config is kept (many sources share their family's base); each call gets its
+    own copy."""
+    try:
+        text = json.dumps(config, sort_keys=True)
+    except (TypeError, ValueError):  # not JSON-like: nothing to key a cache on
+        return _with_defaults(config)
+    return copy.deepcopy(config_defaults(text))
+
+
+@functools.lru_cache(maxsize=64)
+def config_defaults(text: str) -> dict:
+    """:func:`with_defaults` of a config given as its JSON text, kept per text (``cache_clear()`` forgets
+    them: the benchmarks time each pass as a run's first open)."""
+    return _with_defaults(json.loads(text))
+
+
+def _with_defaults(config: dict) -> dict:
     from transformers import AutoConfig
 
     model_type = config.get("model_type")

@@ -104,8 +104,10 @@ def align_pass(spec, keep: bool = False):
     """One in-process alignment pass as the runners make it: open the adapters and plan, then every source's
     candidates. Returns (seconds spent opening, the plan, the block size, the number of candidates, or the
     candidates themselves with ``keep``)."""
+    from hetero_ray.families import config_defaults
     from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target, resolve_block_size
 
+    config_defaults.cache_clear()  # each pass opens as a run's first open does
     t0 = time.perf_counter()
     _, ttopo = open_target(spec)
     sources = [open_source(spec, i) for i in range(len(spec.sources))]
@@ -122,9 +124,11 @@ def ray_align_pass(spec, parts: dict | None = None):
     where the pass's time went, by the driver's progress events: ``open`` (the driver's open and plan),
     ``to_first_task`` (starting the actors, until the first task is done), ``tasks`` (from then to the last)
     and ``dataset`` (the candidate Dataset made from the tasks' tables and materialized)."""
+    from hetero_ray.families import config_defaults
     from hetero_ray.runners.prepare import open_and_align
     from hetero_ray.runners.ray.driver import align_sources
 
+    config_defaults.cache_clear()
     t0 = time.perf_counter()
     o = open_and_align(spec)
     t_open = time.perf_counter()
@@ -209,6 +213,11 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
 
 
 def _timed(fn, *args) -> float:
+    """Seconds ``fn(*args)`` takes, as in a run's first open of its inputs (the base configs' cache emptied
+    first)."""
+    from hetero_ray.families import config_defaults
+
+    config_defaults.cache_clear()
     t0 = time.perf_counter()
     fn(*args)
     return time.perf_counter() - t0

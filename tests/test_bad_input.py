@@ -172,6 +172,56 @@ def test_candidates_from_arrow_are_views_of_the_tables_buffers(zoo, tmp_path):
             assert values.address <= t.data_ptr() and t.data_ptr() + t.nbytes <= values.address + values.size
 
 
+def test_one_check_of_the_whole_file_spares_each_read_its_own_and_still_names_a_bad_key(zoo, tmp_path, monkeypatch):
+    """A reader of every module checks the file once (one sum over its tensors' bytes); reads then skip their
+    own check. A NaN anywhere, or tensors of two dtypes, leave each read checked: the error names the key.
+    The verdict stays in the process that made it (a pickled adapter checks again)."""
+    import pickle
+
+    from hetero_ray.io import adapters
+
+    clean = read_adapter(_copy(zoo, "qwen2-lora", tmp_path))
+    clean.check_finite()
+    assert clean._finite
+    assert not pickle.loads(pickle.dumps(clean))._finite
+    monkeypatch.setattr(adapters, "_all_finite", lambda t: pytest.fail("a read checked again"))
+    assert all(clean.tensor(k).isfinite().all() for k in clean.shapes)
+    monkeypatch.undo()
+
+    bad_dir = _copy(zoo, "qwen2-lora", tmp_path / "bad")
+    key = "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
+    _rewrite(bad_dir, lambda t: t[key].view(-1).__setitem__(3, float("nan")))
+    bad = read_adapter(bad_dir)
+    bad.check_finite()
+    assert not bad._finite
+    good_key = next(k for k in bad.shapes if k != key)
+    assert bad.tensor(good_key).isfinite().all()
+    with pytest.raises(AdapterError, match=rf"{WEIGHTS_NAME} \[{key}\]: 1 non-finite values"):
+        bad.tensor(key)
+
+    mixed_dir = _copy(zoo, "qwen2-lora", tmp_path / "mixed")
+    _rewrite(mixed_dir, lambda t: t.__setitem__(key, t[key].half()))
+    mixed = read_adapter(mixed_dir)
+    mixed.check_finite()
+    assert not mixed._finite  # two dtypes: no single sum, each read checked
+
+
+def test_base_configs_are_built_once_per_distinct_config_and_each_caller_gets_its_own_copy(zoo):
+    import json
+
+    from hetero_ray.families import _with_defaults, config_defaults, with_defaults
+
+    raw = json.loads((zoo["gemma3-base"] / "config.json").read_text())
+    config_defaults.cache_clear()
+    first = with_defaults(raw)
+    assert first == _with_defaults(raw) and config_defaults.cache_info().misses == 1
+    first["num_hidden_layers"] = -1
+    if isinstance(first.get("text_config"), dict):
+        first["text_config"]["num_hidden_layers"] = -1
+    again = with_defaults(raw)
+    assert config_defaults.cache_info().hits == 1 and again == _with_defaults(raw) and again is not first
+
+
 def test_tensors_read_are_views_of_a_private_map_and_writes_never_reach_the_file(zoo, tmp_path):
     """A read copies nothing (the tensor is a view of the file's map), and an in-place write to it stays in
     this process: the file's bytes do not change, and a fresh read sees the original values."""

@@ -126,6 +126,8 @@ def source_candidates(
         raise ValueError(f"control {control.value!r} has no source candidates")
     source_id = plan.sources[source].source_id
     wanted = None if layers is None else set(layers)
+    if wanted is None and control is not Control.ZERO_SOURCES:
+        adapter.check_finite()  # every module is read: one check for the whole file
     work = [(entry, feed) for entry in plan.entries if wanted is None or entry.layer in wanted
             for feed in entry.feeds if feed.source == source]
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # a fused module feeds several roles
