@@ -241,9 +241,9 @@ def read_adapter(path: str | Path, allow_pickle: bool = False) -> LoraAdapter:
     config = validate_config(read_json(config_path, AdapterError), config_path)
 
     weights = path / WEIGHTS_NAME
-    pickled = False
+    pickled, dtypes = False, None
     if weights.is_file():
-        shapes = _safetensors_shapes(weights)
+        shapes, dtypes = _safetensors_header(weights)
     elif (path / PICKLE_NAME).is_file():
         weights, pickled = path / PICKLE_NAME, True
         if not allow_pickle:
@@ -258,7 +258,7 @@ def read_adapter(path: str | Path, allow_pickle: bool = False) -> LoraAdapter:
     else:
         raise AdapterError(path, f"no {WEIGHTS_NAME} (or {PICKLE_NAME})")
 
-    modules, other = _pair_modules(weights, shapes)
+    modules, other = _pair_modules(weights, shapes, dtypes)
     adapter = LoraAdapter(path, config, weights, shapes, modules, other, pickled=pickled)
     if pickled:
         adapter._cache.update(loaded)
@@ -296,8 +296,9 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 class _MappedSafetensors:
     """A safetensors file as one private, copy-on-write memory map (a write to a tensor read from it stays
     in this process and never reaches the file), its tensors views of the map: a read copies nothing and
-    costs a slice. The header is re-read from the map, so offsets and contents agree; a tensor whose offset
-    is not aligned to its dtype is read through safetensors instead."""
+    costs one view (of the whole map as the tensor's dtype). The header is re-read from the map, so offsets
+    and contents agree; a tensor whose offset is not aligned to its dtype is read through safetensors
+    instead."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -313,6 +314,8 @@ class _MappedSafetensors:
             # the header was checked when the adapter was opened: the file changed since
             raise AdapterError(path, f"cannot map the file, or its header changed since it was opened: {e}") from e
         self.data = torch.frombuffer(mm, dtype=torch.uint8) if len(mm) else torch.zeros(0, dtype=torch.uint8)
+        self._mm = mm
+        self._typed: dict[torch.dtype, torch.Tensor] = {}  # the whole map as one dtype: a read is one view of it
         self._fallback = None
 
     def all_finite(self) -> bool:
@@ -337,7 +340,11 @@ class _MappedSafetensors:
             if not 0 <= lo <= hi <= self.data.numel() or hi - lo != math.prod(shape) * dtype.itemsize:
                 raise AdapterError(self.path, f"tensor bytes {lo}..{hi} do not hold its {dt} shape {list(shape)} "
                                    f"within the file's {self.data.numel()} bytes", key=key)
-            return self.data[lo:hi].view(dtype).view(shape)
+            typed = self._typed.get(dtype)
+            if typed is None:
+                count = len(self._mm) // dtype.itemsize
+                typed = self._typed[dtype] = torch.frombuffer(self._mm, dtype=dtype, count=count)
+            return typed.as_strided(shape, _contiguous_strides(shape), lo // dtype.itemsize)
         try:
             if self._fallback is None:
                 self._fallback = safe_open(str(self.path), framework="pt")
@@ -346,21 +353,29 @@ class _MappedSafetensors:
             raise AdapterError(self.path, f"cannot read tensor: {e}", key=key) from e
 
 
-def _safetensors_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def _safetensors_header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Every tensor's shape and dtype, from the header (safetensors validates it)."""
     try:
         with safe_open(str(weights), framework="pt") as f:
             slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118
-            header = {k: (tuple(sl.get_shape()), sl.get_dtype()) for k, sl in slices.items()}
+            return ({k: tuple(sl.get_shape()) for k, sl in slices.items()},
+                    {k: sl.get_dtype() for k, sl in slices.items()})
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(weights, f"not a valid safetensors file: {e}") from e
-    for key, (_, dtype) in header.items():
-        if parse_lora_key(key) and dtype not in FLOAT_DTYPES:
-            raise AdapterError(weights, f"dtype {dtype}: LoRA factors must be floating point "
-                               f"({', '.join(sorted(FLOAT_DTYPES))})", key=key)
-    return {k: shape for k, (shape, _) in header.items()}
 
 
-def _pair_modules(weights: Path, shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, LoraModule], list[str]]:
+def _pair_modules(weights: Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | None = None
+                  ) -> tuple[dict[str, LoraModule], list[str]]:
+    """The LoRA modules (A and B paired by module path) and the other keys; with ``dtypes``, a LoRA factor of
+    a dtype that is not floating point is refused."""
     halves: dict[str, dict[str, str]] = {}
     other: list[str] = []
     for key in shapes:
@@ -368,6 +383,9 @@ def _pair_modules(weights: Path, shapes: Mapping[str, tuple[int, ...]]) -> tuple
         if parsed is None:
             other.append(key)
             continue
+        if dtypes is not None and dtypes[key] not in FLOAT_DTYPES:
+            raise AdapterError(weights, f"dtype {dtypes[key]}: LoRA factors must be floating point "
+                               f"({', '.join(sorted(FLOAT_DTYPES))})", key=key)
         halves.setdefault(parsed[0], {})[parsed[1]] = key
     modules: dict[str, LoraModule] = {}
     for path, ab in sorted(halves.items()):
