@@ -103,13 +103,13 @@ def test_driver_sees_alignment_per_family_and_every_training_step(zero3_run):
 
 
 def test_many_aligners_per_family_give_the_same_adapter(zoo, zero3_run, tmp_path, monkeypatch):
-    """With one target layer per task, each family's tasks spread over its pool of FamilyActors (2 each, as 8
-    cores give 3 families), and the fused adapter is the one a single aligner per family gives."""
+    """With 2 FamilyActors per family (as 8 cores give 3 families), each family's one source is split into
+    chunks of layers that spread over both, and the fused adapter is the one a single aligner per family
+    gives."""
     from hetero_ray.runners.ray import driver
 
     assert driver.aligners_per_family(8, 3) == 2 and driver.aligners_per_family(2, 3) == 1
     assert driver.aligners_per_family(16, 1) == 16
-    monkeypatch.setattr(driver, "LAYERS_PER_TASK", 1)
     monkeypatch.setattr(driver, "aligners_per_family", lambda cpus, families: 2)  # this machine has 2 cores
     spec, result = zero3_run
     events = []
@@ -122,14 +122,20 @@ def test_many_aligners_per_family_give_the_same_adapter(zoo, zero3_run, tmp_path
     assert _max_diff(_tensors(result.output), _tensors(res2.output)) < 1e-6  # as the fault tests hold
 
 
-def test_candidates_through_ray_are_the_in_process_ones_and_the_benchmark_splits_the_pass(zoo, ray_local, tmp_path):
+def test_candidates_through_ray_are_the_in_process_ones_and_the_benchmark_splits_the_pass(zoo, ray_local, tmp_path,
+                                                                                         monkeypatch):
     """The FamilyActors' Arrow tables, read back as a worker reads them, give the candidates an in-process
-    alignment makes: the same factors, scale and tokens. The pipeline benchmark's Ray pass (which this
-    drives) splits its time into the driver's open, the actors' start, the tasks and the Dataset."""
+    alignment makes: the same factors, scale and tokens; here each source aligns whole, in one task (the
+    other tests of this module split sources into chunks of layers). The pipeline benchmark's Ray pass
+    (which this drives) splits its time into the driver's open, the actors' start, the tasks and the
+    Dataset."""
     sys.path.insert(0, str(ROOT / "jobs"))
     from benchmark_pipeline import align_pass, ray_align_pass
 
+    from hetero_ray.runners.ray import driver
     from hetero_ray.tokens.candidates import candidates_from_arrow
+
+    monkeypatch.setattr(driver, "TASKS_PER_ALIGNER", 1)  # 1 aligner per family, 1 source each: whole sources
 
     spec = _spec(zoo, tmp_path, "arrow")
     *_, local = align_pass(spec, keep=True)

@@ -47,8 +47,8 @@ class FamilyActor:
         adapter, _ = self._source(source, "serves")
         return source_signals(self.spec, source, adapter, cache_dir(self.spec), self.base_models)
 
-    def candidates(self, source: int, layers: list[int]) -> pa.Table:
-        """Candidates of source ``source`` for the target layers ``layers`` (one bounded chunk)."""
+    def candidates(self, source: int, layers: list[int] | None) -> pa.Table:
+        """Candidates of source ``source`` for the target layers ``layers`` (None: all of them)."""
         t0 = time.perf_counter()
         adapter, topo = self._source(source, "aligns")
         cands = list(candidates_of(self.spec, self.plan, source, adapter, topo, self.block_size, layers))

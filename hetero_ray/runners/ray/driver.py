@@ -44,7 +44,7 @@ from hetero_ray.tokens.candidates import CANDIDATE_SCHEMA
 from hetero_ray.train.objectives import OBJECTIVES
 from hetero_ray.train.replay import load_tokenizer, tokenize
 
-LAYERS_PER_TASK = 8
+TASKS_PER_ALIGNER = 2  # alignment tasks per FamilyActor, for balance
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
@@ -115,12 +115,20 @@ def aligners_per_family(cluster_cpus: float, n_families: int) -> int:
     return max(1, math.floor(cluster_cpus / max(1, n_families)))
 
 
-def layer_chunks(plan: AlignmentPlan, indices: list[int]) -> list[tuple[int, list[int]]]:
-    """(source, up to LAYERS_PER_TASK of its aligned target layers): one alignment task each."""
-    out = []
+def layer_chunks(plan: AlignmentPlan, indices: list[int], aligners: int) -> list[tuple[int, list[int] | None]]:
+    """(source, a chunk of its aligned target layers, or None for all of them): one alignment task each. A
+    source is split only as far as it takes to give each of the family's ``aligners`` about
+    TASKS_PER_ALIGNER tasks (few sources on many cores); when there are enough sources, each aligns whole in
+    one task, which checks its file with one sum and makes one Arrow table."""
+    per_source = max(1, math.ceil(TASKS_PER_ALIGNER * aligners / max(1, len(indices))))
+    out: list[tuple[int, list[int] | None]] = []
     for i in indices:
         layers = sorted(plan.sources[i].layer_pairs)
-        out += [(i, layers[k : k + LAYERS_PER_TASK]) for k in range(0, len(layers), LAYERS_PER_TASK)]
+        size = math.ceil(len(layers) / per_source) if layers else 1
+        if size >= len(layers):
+            out.append((i, None))
+            continue
+        out += [(i, layers[k : k + size]) for k in range(0, len(layers), size)]
     return out
 
 
@@ -132,8 +140,9 @@ def empty_candidates():
 
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None,
                   candidates: bool = True, teach: bool = False, *, opened: list):
-    """FamilyActors per family present: every (source, chunk of target layers) is one actor task, spread over
-    ``aligners_per_family`` actors of the family so that many sources of few families align in parallel;
+    """FamilyActors per family present: every source (or chunk of its target layers, :func:`layer_chunks`) is
+    one actor task, spread over ``aligners_per_family`` actors of the family so that many sources of few
+    families align in parallel;
     with ``teach`` every source's teacher signals one more task, all on the family's first actor (its base
     model is loaded once). ``opened``: every source as :func:`open_and_align` opened it (adapter, topology),
     handed to its family's actors so that they need not open it again. Returns the candidate Dataset,
@@ -144,7 +153,6 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     families: dict[str, list[int]] = {}
     for s in plan.sources:
         families.setdefault(s.family, []).append(s.index)
-    chunks = {fam: layer_chunks(plan, indices) if candidates else [] for fam, indices in families.items()}
     gpus = {}
     if teach and spec.cluster.use_gpu:  # teachers run their models on a GPU share
         gpus = {"num_gpus": min(1.0, ray.cluster_resources().get("GPU", 0) / max(1, len(families)))}
@@ -152,6 +160,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     cpus = min(ray.cluster_resources().get("CPU", 1), (os.cpu_count() or 1) * max(1, nodes))
     pool_size = aligners_per_family(cpus, len(families))
+    chunks = {fam: layer_chunks(plan, indices, pool_size) if candidates else [] for fam, indices in families.items()}
     spec_json, plan_json = spec.model_dump(mode="json"), plan.to_dict()
     given = {fam: ray.put({i: opened[i] for i in indices}) for fam, indices in families.items()}
     actors = {
@@ -169,7 +178,8 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
         for n, (i, chunk) in enumerate(chunks[fam]):
             ref = actors[fam][n % len(actors[fam])].candidates.remote(i, chunk)
             refs.append(ref)
-            what[ref] = (fam, plan.sources[i].source_id, f"{chunk[0]}-{chunk[-1]}", n % len(actors[fam]))
+            layers = "all" if chunk is None else f"{chunk[0]}-{chunk[-1]}"
+            what[ref] = (fam, plan.sources[i].source_id, layers, n % len(actors[fam]))
     per_family = {fam: sum(1 for f, *_ in what.values() if f == fam) for fam in families}
     pending, done = list(what), 0
     while pending:
