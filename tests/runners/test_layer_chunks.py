@@ -22,3 +22,14 @@ def test_sources_align_whole_when_there_are_enough_and_split_into_chunks_of_laye
         else:
             assert mine == [None]
     assert len(chunks) > len(indices)
+
+
+def test_a_source_aligned_to_no_target_layer_gets_no_task(zoo, tmp_path):
+    import dataclasses
+
+    opened = open_and_align(make_spec(zoo, tmp_path / "o"))
+    plan = opened.plan
+    sources = [dataclasses.replace(s, layer_pairs={}) if s.index == 0 else s for s in plan.sources]
+    plan = dataclasses.replace(plan, sources=sources)
+    for aligners in (1, 4):
+        assert all(i != 0 for i, _ in layer_chunks(plan, [0, 1, 2], aligners))

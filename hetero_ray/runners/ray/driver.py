@@ -124,7 +124,9 @@ def layer_chunks(plan: AlignmentPlan, indices: list[int], aligners: int) -> list
     out: list[tuple[int, list[int] | None]] = []
     for i in indices:
         layers = sorted(plan.sources[i].layer_pairs)
-        size = math.ceil(len(layers) / per_source) if layers else 1
+        if not layers:  # aligned to no target layer: nothing to compute
+            continue
+        size = math.ceil(len(layers) / per_source)
         if size >= len(layers):
             out.append((i, None))
             continue
