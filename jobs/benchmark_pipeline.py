@@ -161,11 +161,11 @@ def raw_read(files) -> tuple[float, float]:
 def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
     """Where an in-process alignment pass spends its time, by timers around its stages (``repeats`` more
     passes after the timed ones; the fastest pass's parts): opening (configs, headers, plan), reading the
-    tensors (mapping the files and checking that the values are finite), and the rest (rank harmonization,
-    controls, candidates). Beside them, the raw read of the same files from the timed passes, and what the
-    groups' assembly then costs (``assembly``: tokens, padding and the blocks' singular values, of which
-    ``singular_values``), which alignment no longer does, and what writing the candidates as Arrow costs
-    (``to_arrow``: what the FamilyActors add on Ray, for their tables)."""
+    tensors (mapping the files and checking that the values are finite, per file or per tensor), and the
+    rest (rank harmonization, controls, candidates). Beside them, the raw read of the same files from the
+    timed passes, what the groups' assembly then costs (``assembly``: tokens, padding and the blocks'
+    singular values, of which ``singular_values``), which alignment no longer does, and what writing the
+    candidates as Arrow costs (``to_arrow``: what the FamilyActors add on Ray, for their tables)."""
     from hetero_ray.denoise import fusion
     from hetero_ray.io import adapters
     from hetero_ray.runners.prepare import open_target
@@ -183,7 +183,8 @@ def alignment_parts(spec, raw_s: float, repeats: int) -> dict:
                 spent[key] += time.perf_counter() - t0
         return wrapper
 
-    patches = [(adapters.LoraAdapter, "tensor", "read"), (blocks, "block_singular_values", "singular_values"),
+    patches = [(adapters.LoraAdapter, "tensor", "read"), (adapters.LoraAdapter, "check_finite", "read"),
+               (blocks, "block_singular_values", "singular_values"),
                (fusion, "block_singular_values", "singular_values")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     best: dict | None = None

@@ -182,8 +182,8 @@ def test_one_check_of_the_whole_file_spares_each_read_its_own_and_still_names_a_
 
     clean = read_adapter(_copy(zoo, "qwen2-lora", tmp_path))
     clean.check_finite()
-    assert clean._finite
-    assert not pickle.loads(pickle.dumps(clean))._finite
+    assert clean._handle.finite
+    assert pickle.loads(pickle.dumps(clean))._handle is None  # another process maps and checks for itself
     monkeypatch.setattr(adapters, "_all_finite", lambda t: pytest.fail("a read checked again"))
     assert all(clean.tensor(k).isfinite().all() for k in clean.shapes)
     monkeypatch.undo()
@@ -193,7 +193,7 @@ def test_one_check_of_the_whole_file_spares_each_read_its_own_and_still_names_a_
     _rewrite(bad_dir, lambda t: t[key].view(-1).__setitem__(3, float("nan")))
     bad = read_adapter(bad_dir)
     bad.check_finite()
-    assert not bad._finite
+    assert bad._handle.finite is False
     good_key = next(k for k in bad.shapes if k != key)
     assert bad.tensor(good_key).isfinite().all()
     with pytest.raises(AdapterError, match=rf"{WEIGHTS_NAME} \[{key}\]: 1 non-finite values"):
@@ -203,7 +203,43 @@ def test_one_check_of_the_whole_file_spares_each_read_its_own_and_still_names_a_
     _rewrite(mixed_dir, lambda t: t.__setitem__(key, t[key].half()))
     mixed = read_adapter(mixed_dir)
     mixed.check_finite()
-    assert not mixed._finite  # two dtypes: no single sum, each read checked
+    assert mixed._handle.finite is False  # two dtypes: no single sum, each read checked
+
+    big_dir = _copy(zoo, "qwen2-lora", tmp_path / "big")  # fp16 whose sum overflows: each value decides
+    _rewrite(big_dir, lambda t: t.update({k: torch.full_like(v, 60000.0).half() for k, v in t.items()}))
+    big = read_adapter(big_dir)
+    big.check_finite()
+    assert big._handle.finite is True
+
+    other_dir = _copy(zoo, "qwen2-lora", tmp_path / "other")  # a tensor that is no LoRA factor: not summed
+    _rewrite(other_dir, lambda t: t.__setitem__("base_model.model.lm_head.weight", torch.ones(4, 4)))
+    other = read_adapter(other_dir)
+    other.check_finite()
+    assert other.other_keys and other._handle is None
+
+
+def test_reads_of_every_shape_and_float_dtype_equal_safetensors_own(tmp_path):
+    """A read is one strided view of the map as its dtype: 0-d, 1-d, empty and 3-d tensors in bf16, fp16, fp32
+    and fp64 all read as safetensors reads them (an unaligned offset: the test below)."""
+    from hetero_ray.io.adapters import _MappedSafetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a_scalar": torch.tensor(3.5, dtype=torch.float64),
+        "b_vector": torch.randn(5, generator=gen).half(),
+        "c_empty": torch.zeros(0, 3, dtype=torch.float32),
+        "d_cube": torch.randn(2, 3, 4, generator=gen).bfloat16(),
+        "e_matrix": torch.randn(3, 7, generator=gen).double(),
+        "f_matrix": torch.randn(4, 2, generator=gen),
+    }
+    path = tmp_path / WEIGHTS_NAME
+    save_file(tensors, str(path))
+    want = load_file(str(path))
+    mapped = _MappedSafetensors(path)
+    for key, t in want.items():
+        got = mapped.tensor(key)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), key
+    assert mapped.check_all_finite() is False  # several dtypes: no single sum
 
 
 def test_base_configs_are_built_once_per_distinct_config_and_each_caller_gets_its_own_copy(zoo):

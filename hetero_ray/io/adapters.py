@@ -89,7 +89,6 @@ class LoraAdapter:
     config_only: bool = False
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _handle: object = field(default=None, repr=False)
-    _finite: bool = field(default=False, repr=False)  # every tensor of the file checked finite at once
 
     @property
     def scaling(self) -> float:
@@ -112,7 +111,8 @@ class LoraAdapter:
         return self.config.get("base_model_name_or_path")
 
     def tensor(self, key: str) -> torch.Tensor:
-        """Read one tensor, checking that it is finite. Raises AdapterError naming file and key."""
+        """Read one tensor, checking that it is finite (unless :meth:`check_finite` found the whole file
+        finite). Raises AdapterError naming file and key."""
         if key in self._cache:
             return self._cache[key]
         if key not in self.shapes:
@@ -120,7 +120,8 @@ class LoraAdapter:
         if self.config_only:
             raise AdapterError(self.path, "planned from adapter_config.json alone: it has no weights", key=key)
         t = self._load_pickled()[key] if self.pickled else self._mapped().tensor(key)
-        if t.is_floating_point() and not self._finite and not _all_finite(t):
+        checked = self._handle is not None and self._handle.finite  # the whole file, by check_finite
+        if t.is_floating_point() and not checked and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise AdapterError(self.weights_path, f"{bad} non-finite values (NaN/Inf)", key=key)
         return t
@@ -131,15 +132,17 @@ class LoraAdapter:
         return self._handle
 
     def check_finite(self) -> None:
-        """Check every tensor of the file at once, by one sum over the bytes they fill, for a reader about to
-        read all of them: a finite sum spares each read its own check (a sum per tensor costs ~10 us at
-        rank 8). Otherwise (a non-finite or overflowing sum, tensors of several dtypes) each tensor is still
-        checked as it is read, and the error names its key."""
-        if not (self.pickled or self.config_only or self._finite):
-            self._finite = self._mapped().all_finite()
+        """Check every tensor of the file at once, for a reader about to read all of its LoRA factors: when
+        the file holds nothing else, all in one floating dtype, one sum over the bytes they fill (each value
+        only where the sum overflows), and a finite file spares each read its own check (a sum per tensor
+        costs ~10 us at rank 8). Otherwise (a NaN or Inf anywhere, other tensors, several dtypes) each
+        tensor is still checked as it is read, and the error names its key. The verdict belongs to this
+        process's map of the file."""
+        if not (self.pickled or self.config_only or self.other_keys):
+            self._mapped().check_all_finite()
 
-    def __getstate__(self) -> dict:  # the file handle does not travel between processes
-        return {**self.__dict__, "_handle": None, "_finite": False}
+    def __getstate__(self) -> dict:  # the file handle (and its verdict) does not travel between processes
+        return {**self.__dict__, "_handle": None}
 
     def module_tensors(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of a module in PEFT shapes: A is (r, d_in), B is (d_out, r)."""
@@ -317,19 +320,23 @@ class _MappedSafetensors:
         self._mm = mm
         self._typed: dict[torch.dtype, torch.Tensor] = {}  # the whole map as one dtype: a read is one view of it
         self._fallback = None
+        self.finite: bool | None = None  # every tensor finite, by check_all_finite (None: not checked)
 
-    def all_finite(self) -> bool:
-        """Whether the file's tensors, all of one floating dtype and filling one aligned run of bytes, sum to a
-        finite value (then every value is finite). False when they do not, or are not laid out so."""
-        spans = sorted((lo, hi) for _, _, lo, hi in self.layout.values())
-        dtypes = {_SAFETENSORS_DTYPES.get(dt) for dt, *_ in self.layout.values()}
-        if not spans or len(dtypes) != 1 or None in dtypes:
-            return False
-        (dtype,), lo, hi = dtypes, spans[0][0], spans[-1][1]
-        gapless = all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
-        if not gapless or lo % dtype.itemsize or (hi - lo) % dtype.itemsize or not 0 <= lo <= hi <= self.data.numel():
-            return False
-        return math.isfinite(self.data[lo:hi].view(dtype).sum().item())
+    def check_all_finite(self) -> bool:
+        """Whether every tensor of the file is finite, taken once over the bytes they fill when they are all
+        of one floating dtype and fill one aligned run of bytes (False when they are not laid out so: each is
+        then checked as read). Kept in ``finite``."""
+        if self.finite is None:
+            spans = sorted((lo, hi) for _, _, lo, hi in self.layout.values())
+            dtypes = {_SAFETENSORS_DTYPES.get(dt) for dt, *_ in self.layout.values()}
+            self.finite = False
+            if spans and len(dtypes) == 1 and None not in dtypes:
+                (dtype,), lo, hi = dtypes, spans[0][0], spans[-1][1]
+                gapless = all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+                aligned = not lo % dtype.itemsize and not (hi - lo) % dtype.itemsize
+                if gapless and aligned and 0 <= lo <= hi <= self.data.numel():
+                    self.finite = _all_finite(self.data[lo:hi].view(dtype))
+        return self.finite
 
     def tensor(self, key: str) -> torch.Tensor:
         if key not in self.layout:
@@ -372,10 +379,11 @@ def _safetensors_header(weights: Path) -> tuple[dict[str, tuple[int, ...]], dict
         raise AdapterError(weights, f"not a valid safetensors file: {e}") from e
 
 
-def _pair_modules(weights: Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | None = None
+def _pair_modules(weights: Path, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, str] | None
                   ) -> tuple[dict[str, LoraModule], list[str]]:
-    """The LoRA modules (A and B paired by module path) and the other keys; with ``dtypes``, a LoRA factor of
-    a dtype that is not floating point is refused."""
+    """The LoRA modules (A and B paired by module path) and the other keys; with ``dtypes`` (None: not known,
+    as for a plan from adapter_config.json alone), a LoRA factor of a dtype that is not floating point is
+    refused."""
     halves: dict[str, dict[str, str]] = {}
     other: list[str] = []
     for key in shapes:
@@ -417,7 +425,7 @@ def config_only_adapter(path: str | Path, module_shapes: Mapping[str, tuple[int,
     for module, (d_in, d_out) in module_shapes.items():
         shapes[f"base_model.model.{module}.lora_A.weight"] = (r, d_in)
         shapes[f"base_model.model.{module}.lora_B.weight"] = (d_out, r)
-    modules, other = _pair_modules(path / CONFIG_NAME, shapes)
+    modules, other = _pair_modules(path / CONFIG_NAME, shapes, None)
     return LoraAdapter(path, config, path / CONFIG_NAME, shapes, modules, other, config_only=True)
 
 

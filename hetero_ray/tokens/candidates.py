@@ -126,10 +126,12 @@ def source_candidates(
         raise ValueError(f"control {control.value!r} has no source candidates")
     source_id = plan.sources[source].source_id
     wanted = None if layers is None else set(layers)
-    if wanted is None and control is not Control.ZERO_SOURCES:
-        adapter.check_finite()  # every module is read: one check for the whole file
     work = [(entry, feed) for entry in plan.entries if wanted is None or entry.layer in wanted
             for feed in entry.feeds if feed.source == source]
+    if wanted is None and work and control is not Control.ZERO_SOURCES:
+        # the source's every planned module is about to be read: one check for the whole file (which also
+        # reads its modules no target slot uses: a tail layer map, roles the target lacks)
+        adapter.check_finite()
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # a fused module feeds several roles
     factors: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor, float]] = {}
     for entry, feed in work:

@@ -120,12 +120,11 @@ def layer_chunks(plan: AlignmentPlan, indices: list[int], aligners: int) -> list
     source is split only as far as it takes to give each of the family's ``aligners`` about
     TASKS_PER_ALIGNER tasks (few sources on many cores); when there are enough sources, each aligns whole in
     one task, which checks its file with one sum and makes one Arrow table."""
-    per_source = max(1, math.ceil(TASKS_PER_ALIGNER * aligners / max(1, len(indices))))
+    aligned = [i for i in indices if plan.sources[i].layer_pairs]  # a source aligned to no layer: no task
+    per_source = max(1, math.ceil(TASKS_PER_ALIGNER * aligners / max(1, len(aligned))))
     out: list[tuple[int, list[int] | None]] = []
-    for i in indices:
+    for i in aligned:
         layers = sorted(plan.sources[i].layer_pairs)
-        if not layers:  # aligned to no target layer: nothing to compute
-            continue
         size = math.ceil(len(layers) / per_source)
         if size >= len(layers):
             out.append((i, None))
