@@ -101,21 +101,18 @@ def main() -> None:
 
 
 def align_pass(spec, keep: bool = False):
-    """One in-process alignment pass as the runners make it: open the adapters and plan, then every source's
-    candidates. Returns (seconds spent opening, the plan, the block size, the number of candidates, or the
-    candidates themselves with ``keep``)."""
+    """One in-process alignment pass as the runners make it: open the adapters and plan
+    (:func:`open_and_align`), then every source's candidates. Returns (seconds spent opening, the plan, the
+    block size, the number of candidates, or the candidates themselves with ``keep``)."""
     from hetero_ray.families import config_defaults
-    from hetero_ray.runners.prepare import alignment_plan, candidates_of, open_source, open_target, resolve_block_size
+    from hetero_ray.runners.prepare import candidates_of, open_and_align
 
     config_defaults.cache_clear()  # each pass opens as a run's first open does
     t0 = time.perf_counter()
-    _, ttopo = open_target(spec)
-    sources = [open_source(spec, i) for i in range(len(spec.sources))]
-    plan = alignment_plan(spec, ttopo, [t for _, t in sources])
-    block = resolve_block_size(spec, plan)
+    o = open_and_align(spec)
     open_s = time.perf_counter() - t0
-    cands = (c for i, (a, t) in enumerate(sources) for c in candidates_of(spec, plan, i, a, t, block))
-    return open_s, plan, block, list(cands) if keep else sum(1 for _ in cands)
+    cands = (c for i, (a, t) in enumerate(o.sources) for c in candidates_of(spec, o.plan, i, a, t, o.block))
+    return open_s, o.plan, o.block, list(cands) if keep else sum(1 for _ in cands)
 
 
 def ray_align_pass(spec, parts: dict | None = None):
