@@ -440,12 +440,17 @@ def test_multi_node_cluster_runs_one_worker_per_node_and_gives_the_same_adapter(
     ("distill_only", "paper", {"partition": "replicate", "zero_stage": 2}, 1, "tokens")],
     ids=["owners-heterofusion-grounded-balanced", "replicate-zero2-distill_only-one-micro-batch"])
 def test_teacher_signals_on_ray_match_in_process(zoo, ray_local, tmp_path, strategy, net, cluster, grad_accum,
-                                                 balance):
+                                                 balance, monkeypatch):
     """FamilyActors compute the teacher signals, Ray Data carries the teacher examples to 2 workers (owning
     module groups, or replicated under ZeRO-2), which train with every objective term and added rank: the
-    same adapter as in-process."""
+    same adapter as in-process. With 2 FamilyActors per family (heterofusion), the first teaches and the
+    second aligns."""
     from hetero_ray.contrib import tiny
+    from hetero_ray.runners.ray import driver
     from hetero_ray.runners.ray.driver import fuse
+
+    if strategy == "heterofusion":
+        monkeypatch.setattr(driver, "aligners_per_family", lambda cpus, families: 2)  # whatever the machine's cores
 
     prompts = [{"path": str(zoo["replay"]), "take": 4}]
     if balance == "sources":
@@ -457,7 +462,13 @@ def test_teacher_signals_on_ray_match_in_process(zoo, ray_local, tmp_path, strat
                  method={"num_projections": 16, "net": net, "extra_rank": 2},
                  training={"epochs": 1, "lr": 3e-3, "grad_accum": grad_accum, "batch_size": 2, "max_length": 64},
                  **{f"cluster.{k}": v for k, v in cluster.items()})
-    ray_result = fuse(spec)
+    events = []
+    ray_result = fuse(spec, on_progress=events.append)
+    align = [e for e in events if e["stage"] == "align"]
+    if strategy == "heterofusion":
+        for fam in ("qwen2", "gemma3"):
+            assert {(e["layers"] == "teacher", e["aligner"]) for e in align if e["family"] == fam} == {
+                (True, 0), (False, 1)}, fam
     local = fuse_local(spec.model_copy(update={"output": tmp_path / "local"}))
     a, b = _tensors(ray_result.output), _tensors(local.output)
     assert a.keys() == b.keys()

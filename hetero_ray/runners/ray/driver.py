@@ -133,6 +133,30 @@ def layer_chunks(plan: AlignmentPlan, indices: list[int], aligners: int) -> list
     return out
 
 
+def task_cost(plan: AlignmentPlan, source: int, layers: list[int] | None) -> int:
+    """What one alignment task reads, as a proxy for its time: the values of the source's factors that feed
+    the task's target layers (all of them for None), (d_in + d_out) x the source's rank per feed."""
+    wanted = None if layers is None else set(layers)
+    return sum((f.d_in + f.d_out) * f.rank for e in plan.entries if wanted is None or e.layer in wanted
+               for f in e.feeds if f.source == source)
+
+
+def balance(costs: list[int], actors: int, reserve_first: bool = False) -> list[int]:
+    """Each task's actor (an index below ``actors``), the longest first to the least loaded (LPT: the
+    busiest ends within 4/3 of the best split): sources of very different sizes in one family (ranks 8 and
+    64, say) no longer pile up on one actor, as handing them out in turn could. Equal costs go in turn.
+    ``reserve_first``: the first actor takes a task only when there is no other (it teaches every source)."""
+    load = [0.0] * max(1, actors)
+    if reserve_first and actors > 1:
+        load[0] = math.inf
+    out = [0] * len(costs)
+    for t in sorted(range(len(costs)), key=lambda t: -costs[t]):
+        k = min(range(len(load)), key=load.__getitem__)
+        out[t] = k
+        load[k] += costs[t]
+    return out
+
+
 def empty_candidates():
     import ray
 
@@ -142,11 +166,12 @@ def empty_candidates():
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None,
                   candidates: bool = True, teach: bool = False, *, opened: list):
     """FamilyActors per family present: every source (or chunk of its target layers, :func:`layer_chunks`) is
-    one actor task, spread over ``aligners_per_family`` actors of the family so that many sources of few
-    families align in parallel;
+    one actor task, spread over ``aligners_per_family`` actors of the family by size (:func:`balance`) so
+    that many sources of few families align in parallel;
     with ``teach`` every source's teacher signals one more task, all on the family's first actor (its base
-    model is loaded once). ``opened``: every source as :func:`open_and_align` opened it (adapter, topology),
-    handed to its family's actors so that they need not open it again. Returns the candidate Dataset,
+    model is loaded once), which then takes alignment tasks only when it is the family's one actor.
+    ``opened``: every source as :func:`open_and_align` opened it (adapter, topology), handed to its family's
+    actors so that they need not open it again. Returns the candidate Dataset,
     materialized once in the object store (None without ``candidates``), and the teacher signals in source
     order."""
     import ray
@@ -167,7 +192,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     actors = {
         fam: [FamilyActor.options(num_cpus=ACTOR_CPUS, runtime_env=faults.runtime_env(), **(gpus if k == 0 else {}))
               .remote(spec_json, fam, plan_json, block, given[fam])
-              for k in range(max(1, min(pool_size, len(chunks[fam]))))]
+              for k in range(max(1, min(pool_size, len(chunks[fam]) + (teach and bool(chunks[fam])))))]
         for fam in families
     }
     refs, what, teach_refs = [], {}, {}
@@ -176,11 +201,12 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
             ref = actors[fam][0].teach.remote(i)
             teach_refs[i] = ref
             what[ref] = (fam, plan.sources[i].source_id, "teacher", 0)
-        for n, (i, chunk) in enumerate(chunks[fam]):
-            ref = actors[fam][n % len(actors[fam])].candidates.remote(i, chunk)
+        owner = balance([task_cost(plan, i, chunk) for i, chunk in chunks[fam]], len(actors[fam]), teach)
+        for (i, chunk), k in zip(chunks[fam], owner, strict=True):
+            ref = actors[fam][k].candidates.remote(i, chunk)
             refs.append(ref)
             layers = "all" if chunk is None else f"{chunk[0]}-{chunk[-1]}"
-            what[ref] = (fam, plan.sources[i].source_id, layers, n % len(actors[fam]))
+            what[ref] = (fam, plan.sources[i].source_id, layers, k)
     per_family = {fam: sum(1 for f, *_ in what.values() if f == fam) for fam in families}
     pending, done = list(what), 0
     while pending:
