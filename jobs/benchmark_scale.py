@@ -1,8 +1,9 @@
 """Scale-out benchmark: the distributed fusion at several source counts x worker counts x ways of sharing the
 transfer networks (``cluster.partition``), on a local Ray (or the cluster at --address). Prints, per run:
-per-stage wall time, the step split on rank 0 (target forward/backward, nets forward, RDM, nets backward,
-optimizer: rank 0's own timed parts, so an owner's waits at the exchange count in its nets' forward and
-the norm's gather in its optimizer step; the per-step metrics merge and report are outside them),
+per-stage wall time, rank 0's wall time per step (its report to Ray Train included), the step split on
+rank 0 (target forward/backward, nets forward, RDM, nets backward, optimizer: rank 0's own timed parts, so
+an owner's waits at the exchange count in its nets' forward and the norm's gather in its optimizer step;
+the per-step metrics merge and report are outside them),
 per-worker transfer-net parameters, candidate-token bytes, their state (weights, gradients, AdamW) and peak
 RSS, with ratios to the 1-worker run of the same sources; each worker's memory growth (peak RSS over its RSS
 with the libraries imported, and the same at the end of setup) and its own part (less the object store's
@@ -101,6 +102,7 @@ def run_one(spec, workers: int, partition: str, zero_stage: int, storage: Path, 
         "sources": len(spec.sources), "workers": workers, "partition": zero["partition"], "zero_stage": zero["stage"],
         "wall_s": round(wall, 1), **{k: round(v, 2) for k, v in result.report["timings_s"].items()},
         "step_s": round(mean["step"], 4), "step_parts_s": {k: round(mean[k], 4) for k in PARTS},
+        "step_wall_s": round(zero["step_wall_s"], 4) if zero.get("step_wall_s") is not None else None,
         "max_worker_params": max(p["partition_numel"] for p in parts),
         "max_worker_token_MB": round(max(p["group_bytes"] for p in parts) / 1e6, 2),
         "max_worker_net_state_MB": round(max(state) / 1e6, 2),
@@ -181,13 +183,14 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print("\n| sources | workers | partition | step s | vs 1 | target | nets fwd | RDM | nets bwd | optim | "
-          "net state MB/worker | vs 1 | tokens MB/worker | peak RSS MB | RSS growth MB (setup) | own growth MB | "
-          "check MB | check / own | own growth MB, first step | check / own, first step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| sources | workers | partition | step s | wall s/step | vs 1 | target | nets fwd | RDM | nets bwd | "
+          "optim | net state MB/worker | vs 1 | tokens MB/worker | peak RSS MB | RSS growth MB (setup) | "
+          "own growth MB | check MB | check / own | own growth MB, first step | check / own, first step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["step_parts_s"]
-        print(f"| {r['sources']} | {r['workers']} | {r['partition']} | {r['step_s']:.3f} | {r['step_vs_1_worker']} | "
+        print(f"| {r['sources']} | {r['workers']} | {r['partition']} | {r['step_s']:.3f} | {r['step_wall_s']} | "
+              f"{r['step_vs_1_worker']} | "
               f"{p['target']:.3f} | {p['nets_forward']:.3f} | {p['rdm']:.3f} | {p['nets_backward']:.3f} | "
               f"{p['optimizer']:.3f} | {r['max_worker_net_state_MB']} | {r['state_vs_1_worker']} | "
               f"{r['max_worker_token_MB']} | {r['max_worker_peak_rss_MB']} | {r['max_worker_rss_growth_MB']} "

@@ -265,6 +265,7 @@ def train_loop(config: dict) -> None:
             start, history = state["step"], state["history"]
 
     per_epoch = max(1, math.ceil(len(windows) / spec.training.epochs))
+    ends = []  # when each step ended, its report included: the step as the run lives it
     for step in range(start, len(windows)):
         maybe_fail("worker", step)
         surrogate, metrics = objective.window(engine, windows[step])
@@ -284,6 +285,7 @@ def train_loop(config: dict) -> None:
             _report_checkpoint(engine, rank, done, history, metrics)
         else:
             ray.train.report(_flat(metrics))
+        ends.append(time.perf_counter())
 
     deltas, outputs = objective.final_deltas(engine)
     diagnostics = {**group_diagnostics(outputs), "attention_mass": attention_mass(outputs, groups, len(spec.sources))}
@@ -302,6 +304,7 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             save_file({k: v.contiguous() for k, v in deltas.items()}, str(Path(d) / FINAL_DELTAS))
             final = {"history": history, **diagnostics, "setup_s": setup_s,
+                     "step_wall_s": (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else None,
                      "partition": "groups" if owners else "replicate", "zero_stage": zero_stage(spec, owners)}
             (Path(d) / FINAL_STATE).write_text(json.dumps(final))
         ray.train.report({"final": 1, "step": len(windows)}, checkpoint=ray.train.Checkpoint.from_directory(d),

@@ -46,6 +46,11 @@ from hetero_ray.train.replay import load_tokenizer, tokenize
 
 TASKS_PER_ALIGNER = 2  # alignment tasks per FamilyActor, for balance
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# How often the Ray Train controller polls its workers (Ray's default: every 2 s). A worker's
+# ``ray.train.report`` blocks until the controller has taken its previous report (a queue of one), so
+# reporting every step made each step last at least one poll: 9 steps of 0.09 s took 18 s. Ray passes this
+# variable from the driver to the controller; a value the user set is kept.
+CONTROLLER_POLL_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -246,26 +251,19 @@ def teacher_dataset(spec: FusionSpec, signals: list[dict], tokenizer):
 
 
 def replay_dataset(spec: FusionSpec, tokenizer):
-    """The replay records, tokenized with the target's tokenizer and chat template in Ray Data."""
+    """The replay records, tokenized with the target's tokenizer and chat template, as a Dataset. They are
+    tokenized here, by the tokenizer the driver has loaded and beside the records it has read: a Ray Data task
+    would first start a process and load the tokenizer (about 3 s on 2 cores, for milliseconds of work at the
+    sizes of a replay set)."""
     import ray
 
-    records = replay_records(spec)
-    rows = [{"index": i, "record": json.dumps(r)} for i, r in enumerate(records)]
-    base, max_length = str(spec.target.base), spec.training.max_length
-
-    def tokenize_batch(batch: pa.Table) -> pa.Table:
-        tok = load_tokenizer(Path(base))
-        examples = tokenize(tok, [json.loads(r) for r in batch.column("record").to_pylist()], max_length)
-        return pa.table({
-            "index": batch.column("index"),
-            "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int64())),
-            "labels": pa.array([e.labels for e in examples], pa.list_(pa.int64())),
-        })
-
-    # few blocks: each task loads the tokenizer, which costs more than tokenizing a few hundred records
-    blocks = max(1, min(8, len(rows) // 512))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    return ds.map_batches(tokenize_batch, batch_format="pyarrow", batch_size=None, num_cpus=0.5).materialize()
+    examples = tokenize(tokenizer, replay_records(spec), spec.training.max_length)
+    table = pa.table({
+        "index": pa.array(range(len(examples)), pa.int64()),
+        "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int64())),
+        "labels": pa.array([e.labels for e in examples], pa.list_(pa.int64())),
+    })
+    return ray.data.from_arrow(table).materialize()
 
 
 def _storage(spec: FusionSpec) -> tuple[pafs.FileSystem, str]:
@@ -353,14 +351,17 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
                                             opened=sources)
     candidates = candidates if candidates is not None else empty_candidates()
     timings["align_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     replay = replay_dataset(spec, tokenizer)
     teacher = teacher_dataset(spec, signals, tokenizer)
 
     # owners get their groups' rows only; the whole stream is then dropped, so the object store holds it once
     streams = candidates_by_owner(candidates, owners) if owners else {"candidates": candidates}
     del candidates
+    timings["datasets_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sink = progress_sink() if on_progress else None
+    os.environ.setdefault(*CONTROLLER_POLL_ENV)  # read by trainer.fit(), which starts the controller
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "plan": plan.to_dict(), "block_size": block,
@@ -432,7 +433,9 @@ def _write(spec, plan, block, target, sources, checkpoint, timings, signals=None
     report["teacher"] = signals_summary(signals) if signals is not None else final.get("teacher")
     report["zero"] = {"stage": final.get("zero_stage", spec.cluster.zero_stage), "workers": spec.cluster.workers,
                       "partition": final.get("partition", "replicate"), "partitions": partitions,
-                      "transfer_net_params": sum(c.num_parameters() for c in cfgs.values())}
+                      "transfer_net_params": sum(c.num_parameters() for c in cfgs.values()),
+                      # rank 0's wall time per step after the first, its report to Ray Train included
+                      "step_wall_s": final.get("step_wall_s")}
     out = export_fused_adapter(spec, target, deltas, report, fusion_card(spec, plan, final["history"]))
     return FusionResult(out, final["history"], plan, deltas, report)
 
