@@ -191,7 +191,8 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     cpus = min(ray.cluster_resources().get("CPU", 1), (os.cpu_count() or 1) * max(1, nodes))
     pool_size = aligners_per_family(cpus, len(families))
-    chunks = {fam: layer_chunks(plan, indices, pool_size) if candidates else [] for fam, indices in families.items()}
+    aligners = pool_size - 1 if teach and pool_size > 1 else pool_size  # the first actor teaches (balance)
+    chunks = {fam: layer_chunks(plan, indices, aligners) if candidates else [] for fam, indices in families.items()}
     spec_json, plan_json = spec.model_dump(mode="json"), plan.to_dict()
     given = {fam: ray.put({i: opened[i] for i in indices}) for fam, indices in families.items()}
     actors = {
