@@ -130,7 +130,8 @@ def ray_align_pass(spec, parts: dict | None = None):
     o = open_and_align(spec)
     t_open = time.perf_counter()
     done: list[float] = []
-    ds = align_sources(spec, o.plan, o.block, lambda _: done.append(time.perf_counter()), opened=o.sources)[0]
+    streams, _ = align_sources(spec, o.plan, o.block, lambda _: done.append(time.perf_counter()), opened=o.sources)
+    ds = streams["candidates"]
     end = time.perf_counter()
     if parts is not None and done:
         parts |= {"open": t_open - t0, "to_first_task": done[0] - t_open, "tasks": done[-1] - done[0],

@@ -47,11 +47,22 @@ class FamilyActor:
         adapter, _ = self._source(source, "serves")
         return source_signals(self.spec, source, adapter, cache_dir(self.spec), self.base_models)
 
-    def candidates(self, source: int, layers: list[int] | None) -> pa.Table:
-        """Candidates of source ``source`` for the target layers ``layers`` (None: all of them)."""
+    def candidates(self, source: int, layers: list[int] | None, owners: list[list[str]] | None = None
+                   ) -> pa.Table | tuple[pa.Table, ...]:
+        """Candidates of source ``source`` for the target layers ``layers`` (None: all of them): one table,
+        or with ``owners`` (each worker's groups) one table per worker, its groups' candidates only (called
+        with ``num_returns=len(owners)``), so that no later pass splits them."""
         t0 = time.perf_counter()
         adapter, topo = self._source(source, "aligns")
         cands = list(candidates_of(self.spec, self.plan, source, adapter, topo, self.block_size, layers))
         maybe_fail("actor")
-        table = candidates_to_arrow(cands)
-        return table.replace_schema_metadata({"seconds": f"{time.perf_counter() - t0:.6f}"})
+        if owners is None:
+            parts = [cands]
+        else:
+            rank = {group: r for r, groups in enumerate(owners) for group in groups}
+            parts = [[] for _ in owners]
+            for c in cands:
+                parts[rank[c.group]].append(c)
+        seconds = {"seconds": f"{time.perf_counter() - t0:.6f}"}
+        tables = tuple(candidates_to_arrow(part).replace_schema_metadata(seconds) for part in parts)
+        return tables if len(tables) > 1 else tables[0]

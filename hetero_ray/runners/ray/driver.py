@@ -169,16 +169,18 @@ def empty_candidates():
 
 
 def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress: Callable | None = None,
-                  candidates: bool = True, teach: bool = False, *, opened: list):
+                  candidates: bool = True, teach: bool = False, *, opened: list,
+                  owners: list[list[str]] | None = None):
     """FamilyActors per family present: every source (or chunk of its target layers, :func:`layer_chunks`) is
     one actor task, spread over ``aligners_per_family`` actors of the family by size (:func:`balance`) so
     that many sources of few families align in parallel;
     with ``teach`` every source's teacher signals one more task, all on the family's first actor (its base
     model is loaded once), which then takes alignment tasks only when it is the family's one actor.
     ``opened``: every source as :func:`open_and_align` opened it (adapter, topology), handed to its family's
-    actors so that they need not open it again. Returns the candidate Dataset,
-    materialized once in the object store (None without ``candidates``), and the teacher signals in source
-    order."""
+    actors so that they need not open it again. Returns the candidate Datasets, materialized once in the
+    object store (None without ``candidates``): ``{"candidates": ...}``, or with ``owners`` (each worker's
+    groups, ``cluster.partition: groups``) one per worker, ``{"candidates_RANK": ...}``, each task's table
+    split by owner where it is made; and the teacher signals in source order."""
     import ray
 
     families: dict[str, list[int]] = {}
@@ -201,7 +203,9 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
               for k in range(max(1, min(pool_size, len(chunks[fam]) + (teach and bool(chunks[fam])))))]
         for fam in families
     }
-    refs, what, teach_refs = [], {}, {}
+    split = len(owners) if owners else 1
+    refs: list[list] = [[] for _ in range(split)]  # per owner (one list without owners), in task order
+    what, teach_refs = {}, {}
     for fam, indices in families.items():
         for i in indices if teach else []:
             ref = actors[fam][0].teach.remote(i)
@@ -209,8 +213,11 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
             what[ref] = (fam, plan.sources[i].source_id, "teacher", 0)
         owner = balance([task_cost(plan, i, chunk) for i, chunk in chunks[fam]], len(actors[fam]), teach)
         for (i, chunk), k in zip(chunks[fam], owner, strict=True):
-            ref = actors[fam][k].candidates.remote(i, chunk)
-            refs.append(ref)
+            out = actors[fam][k].candidates.options(num_returns=split).remote(i, chunk, owners)
+            out = out if split > 1 else [out]
+            for r, ref in enumerate(out):
+                refs[r].append(ref)
+            ref = out[0]  # a task's returns are ready together
             layers = "all" if chunk is None else f"{chunk[0]}-{chunk[-1]}"
             what[ref] = (fam, plan.sources[i].source_id, layers, k)
     per_family = {fam: sum(1 for f, *_ in what.values() if f == fam) for fam in families}
@@ -226,15 +233,16 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
             on_progress({"stage": "align", "done": done, "total": len(what), "family": fam,
                          "family_total": per_family[fam], "source_id": source_id, "layers": layers,
                          "aligner": aligner})
-    ds = None
+    streams = None
     if candidates:
-        ds = ray.data.from_arrow_refs(refs) if refs else empty_candidates()
-        ds = ds.materialize()
+        names = [f"candidates_{r}" for r in range(split)] if owners else ["candidates"]
+        streams = {name: (ray.data.from_arrow_refs(part) if part else empty_candidates()).materialize()
+                   for name, part in zip(names, refs, strict=True)}
     signals = [ray.get(teach_refs[i]) for i in sorted(teach_refs)]
     for pool in actors.values():
         for actor in pool:
             ray.kill(actor)
-    return ds, signals
+    return streams, signals
 
 
 def teacher_dataset(spec: FusionSpec, signals: list[dict], tokenizer):
@@ -273,22 +281,6 @@ def _storage(spec: FusionSpec) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(storage)
     Path(storage).mkdir(parents=True, exist_ok=True)
     return pafs.LocalFileSystem(), str(Path(storage).resolve())
-
-
-def candidates_by_owner(candidates, owners: list[list[str]]) -> dict:
-    """One candidate Dataset per worker: the rows of its own groups only, so each worker reads and holds its
-    share. Materialized here, before the workers hold their CPUs (a lazy filter would need Ray Data tasks
-    while the workers wait on them); together they hold the bytes of the one stream they split, which the
-    caller then drops."""
-    import pyarrow.compute as pc
-
-    out = {}
-    for rank, own in enumerate(owners):
-        keep = pa.array(own, pa.string())
-        out[f"candidates_{rank}"] = candidates.map_batches(
-            lambda t, keep=keep: t.filter(pc.is_in(t["group"], value_set=keep)), batch_format="pyarrow",
-            batch_size=None).materialize()
-    return out
 
 
 def run_digest(spec: FusionSpec) -> str:
@@ -346,19 +338,18 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
     t0 = time.perf_counter()
     # the direct controls read no source tensor: the workers get an empty candidate stream
     teach = any(OBJECTIVES.lookup(n).needs_teacher for n in objective_weights(spec))
-    candidates, signals = None, []
+    # owners get their groups' rows only, split where the actors make them: the object store holds each once
+    streams, signals = None, []
     if spec.control.reads_sources or teach:
-        candidates, signals = align_sources(spec, plan, block, on_progress, spec.control.reads_sources, teach,
-                                            opened=sources)
-    candidates = candidates if candidates is not None else empty_candidates()
+        streams, signals = align_sources(spec, plan, block, on_progress, spec.control.reads_sources, teach,
+                                         opened=sources, owners=owners)
+    if streams is None:
+        streams = ({f"candidates_{r}": empty_candidates() for r in range(len(owners))} if owners
+                   else {"candidates": empty_candidates()})
     timings["align_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     replay = replay_dataset(spec, tokenizer)
     teacher = teacher_dataset(spec, signals, tokenizer)
-
-    # owners get their groups' rows only; the whole stream is then dropped, so the object store holds it once
-    streams = candidates_by_owner(candidates, owners) if owners else {"candidates": candidates}
-    del candidates
     timings["datasets_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sink = progress_sink() if on_progress else None
