@@ -1,6 +1,6 @@
 """Scale-out benchmark: the distributed fusion at several source counts x worker counts x ways of sharing the
 transfer networks (``cluster.partition``), on a local Ray (or the cluster at --address). Prints, per run:
-per-stage wall time, rank 0's wall time per step (its report to Ray Train included), the step split on
+per-stage wall time, rank 0's wall time per step (its reports to Ray Train and checkpoints included), the step split on
 rank 0 (target forward/backward, nets forward, RDM, nets backward, optimizer: rank 0's own timed parts, so
 an owner's waits at the exchange count in its nets' forward and the norm's gather in its optimizer step;
 the per-step metrics merge and report are outside them),

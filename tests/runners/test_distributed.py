@@ -263,10 +263,12 @@ def test_rerun_of_a_finished_spec_resumes_instead_of_retraining(zoo, zero3_run, 
     assert time.perf_counter() - t0 < 120
 
 
-@pytest.mark.parametrize("point,run", [("actor", "zero3_run"), ("worker", "zero3_run"), ("worker", "groups_run")])
+@pytest.mark.parametrize("point,run", [("actor", "zero3_run"), ("actor", "groups_run"), ("worker", "zero3_run"),
+                                       ("worker", "groups_run")])
 def test_killed_actor_or_worker_still_gives_the_undisturbed_output(zoo, tmp_path, monkeypatch, point, run, request):
-    """A killed FamilyActor is restarted; a killed train worker restarts the group from the last checkpoint
-    (with replicated nets, and with each worker owning its groups: every owner's part is restored)."""
+    """A killed FamilyActor is restarted and its task retried (with owners, a task that returns one table
+    per worker); a killed train worker restarts the group from the last checkpoint (with replicated nets, and
+    with each worker owning its groups: every owner's part is restored)."""
     from hetero_ray.runners.ray.driver import fuse
 
     spec, undisturbed = request.getfixturevalue(run)

@@ -265,7 +265,7 @@ def train_loop(config: dict) -> None:
             start, history = state["step"], state["history"]
 
     per_epoch = max(1, math.ceil(len(windows) / spec.training.epochs))
-    ends = []  # when each step ended, its report included: the step as the run lives it
+    ends = []  # when each step ended, its report (and checkpoint) included: the step as the run lives it
     for step in range(start, len(windows)):
         maybe_fail("worker", step)
         surrogate, metrics = objective.window(engine, windows[step])

@@ -426,7 +426,7 @@ def _write(spec, plan, block, target, sources, checkpoint, timings, signals=None
     report["zero"] = {"stage": final.get("zero_stage", spec.cluster.zero_stage), "workers": spec.cluster.workers,
                       "partition": final.get("partition", "replicate"), "partitions": partitions,
                       "transfer_net_params": sum(c.num_parameters() for c in cfgs.values()),
-                      # rank 0's wall time per step after the first, its report to Ray Train included
+                      # rank 0's wall time per step after the first: reports to Ray Train and checkpoints included
                       "step_wall_s": final.get("step_wall_s")}
     out = export_fused_adapter(spec, target, deltas, report, fusion_card(spec, plan, final["history"]))
     return FusionResult(out, final["history"], plan, deltas, report)
