@@ -183,14 +183,15 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print("\n| sources | workers | partition | step s | wall s/step | vs 1 | target | nets fwd | RDM | nets bwd | "
+    print("\n| sources | workers | partition | step s | vs 1 | wall s/step | target | nets fwd | RDM | nets bwd | "
           "optim | net state MB/worker | vs 1 | tokens MB/worker | peak RSS MB | RSS growth MB (setup) | "
           "own growth MB | check MB | check / own | own growth MB, first step | check / own, first step |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["step_parts_s"]
-        print(f"| {r['sources']} | {r['workers']} | {r['partition']} | {r['step_s']:.3f} | {r['step_wall_s']} | "
-              f"{r['step_vs_1_worker']} | "
+        wall = "-" if r["step_wall_s"] is None else f"{r['step_wall_s']:.3f}"
+        print(f"| {r['sources']} | {r['workers']} | {r['partition']} | {r['step_s']:.3f} | {r['step_vs_1_worker']} | "
+              f"{wall} | "
               f"{p['target']:.3f} | {p['nets_forward']:.3f} | {p['rdm']:.3f} | {p['nets_backward']:.3f} | "
               f"{p['optimizer']:.3f} | {r['max_worker_net_state_MB']} | {r['state_vs_1_worker']} | "
               f"{r['max_worker_token_MB']} | {r['max_worker_peak_rss_MB']} | {r['max_worker_rss_growth_MB']} "

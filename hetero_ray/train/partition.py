@@ -24,19 +24,30 @@ import torch
 from hetero_ray.errors import SpecError
 
 
+def lpt(costs: Sequence[float], bins: int, loads: Sequence[float] | None = None) -> list[int]:
+    """Each item's bin, the largest item first onto the least loaded bin (LPT scheduling: the heaviest bin
+    carries at most 4/3 of the optimum); deterministic, ties broken by item index and bin index. ``loads``:
+    what each bin carries already (``inf``: a bin that takes an item only when every bin is so)."""
+    heap = [(float(loads[b]) if loads is not None else 0.0, b) for b in range(bins)]
+    heapq.heapify(heap)
+    out = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, b = heapq.heappop(heap)
+        out[i] = b
+        heapq.heappush(heap, (load + costs[i], b))
+    return out
+
+
 def balance(costs: Mapping[str, float], workers: int) -> list[list[str]]:
-    """Groups dealt to ``workers`` owners, largest first onto the least loaded (LPT scheduling: the
-    heaviest owner carries at most 4/3 of the optimum); deterministic, ties broken by name and rank."""
+    """Groups dealt to ``workers`` owners by :func:`lpt`, ties broken by name and rank."""
     if workers > len(costs):
         raise SpecError(f"cluster.partition: groups: {workers} workers but only {len(costs)} module groups "
                         f"({', '.join(sorted(costs))}); use fewer workers or cluster.partition: replicate")
-    heap = [(0.0, r) for r in range(workers)]
+    names = sorted(costs)
     owned: list[list[str]] = [[] for _ in range(workers)]
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
-        load, r = heapq.heappop(heap)
+    for name, r in zip(names, lpt([costs[n] for n in names], workers), strict=True):
         owned[r].append(name)
-        heapq.heappush(heap, (load + costs[name], r))
-    return [sorted(o) for o in owned]
+    return owned
 
 
 def group_costs(lengths: Mapping[str, tuple[int, int]], modules: Mapping[str, int]) -> dict[str, float]:

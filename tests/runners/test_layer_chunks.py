@@ -1,7 +1,7 @@
 """How the Ray driver divides alignment into FamilyActor tasks (no Ray needed)."""
 
 from hetero_ray.runners.prepare import open_and_align
-from hetero_ray.runners.ray.driver import balance, layer_chunks, task_cost
+from hetero_ray.runners.ray.driver import assign_tasks, layer_chunks, layer_costs
 from tests.helpers import make_spec
 
 
@@ -35,31 +35,32 @@ def test_a_source_aligned_to_no_target_layer_gets_no_task(zoo, tmp_path):
         assert all(i != 0 for i, _ in layer_chunks(plan, [0, 1, 2], aligners))
 
 
-def test_a_task_costs_the_values_it_reads_and_the_chunks_of_a_source_add_up_to_it(zoo, tmp_path):
+def test_a_layer_costs_the_values_its_feeds_read(zoo, tmp_path):
     opened = open_and_align(make_spec(zoo, tmp_path / "o"))
     plan = opened.plan
+    costs = layer_costs(plan)
     for src in plan.sources:
-        feeds = [f for e in plan.entries for f in e.feeds if f.source == src.index]
-        assert task_cost(plan, src.index, None) == sum((f.d_in + f.d_out) * f.rank for f in feeds) > 0
-        chunks = [c for j, c in layer_chunks(plan, [src.index], 4) if j == src.index]
-        assert sum(task_cost(plan, src.index, c) for c in chunks) == task_cost(plan, src.index, None)
+        assert set(costs[src.index]) == set(src.layer_pairs)
+        for layer, cost in costs[src.index].items():
+            feeds = [f for e in plan.entries if e.layer == layer for f in e.feeds if f.source == src.index]
+            assert cost == sum((f.d_in + f.d_out) * f.rank for f in feeds) > 0
 
 
 def test_tasks_go_to_the_least_loaded_actor_longest_first():
     # equal costs: in turn, as before
-    assert balance([5] * 5, 2) == [0, 1, 0, 1, 0]
-    assert balance([5] * 3, 1) == [0, 0, 0]
+    assert assign_tasks([5] * 5, 2) == [0, 1, 0, 1, 0]
+    assert assign_tasks([5] * 3, 1) == [0, 0, 0]
     # ranks 64 and 8 alternating in pairs: in turn, one actor would take every rank-64 source (4 x 64 vs 4 x 8)
     costs = [64, 8, 64, 8, 64, 8, 64, 8]
     assert [k for k in range(8) if k % 2 == 0] == [k for k in range(8) if costs[k] == 64]
-    owner = balance(costs, 2)
+    owner = assign_tasks(costs, 2)
     loads = [sum(c for c, k in zip(costs, owner, strict=True) if k == a) for a in (0, 1)]
     assert loads == [144, 144]
     # within 4/3 of the best split on an uneven mix (LPT's bound), every task given once
     costs = [97, 13, 55, 55, 40, 31, 31, 8, 8, 8, 70, 2]
-    owner = balance(costs, 3)
+    owner = assign_tasks(costs, 3)
     loads = [sum(c for c, k in zip(costs, owner, strict=True) if k == a) for a in range(3)]
     assert sum(loads) == sum(costs) and max(loads) <= 4 / 3 * max(sum(costs) / 3, max(costs))
     # the first actor teaches: it takes alignment only when it is the only actor
-    assert balance([3, 2, 1], 3, reserve_first=True) == [1, 2, 2]
-    assert balance([3, 2, 1], 1, reserve_first=True) == [0, 0, 0]
+    assert assign_tasks([3, 2, 1], 3, reserve_first=True) == [1, 2, 2]
+    assert assign_tasks([3, 2, 1], 1, reserve_first=True) == [0, 0, 0]

@@ -4,8 +4,6 @@ Arrow tables."""
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 import ray
 
@@ -52,7 +50,6 @@ class FamilyActor:
         """Candidates of source ``source`` for the target layers ``layers`` (None: all of them): one table,
         or with ``owners`` (each worker's groups) one table per worker, its groups' candidates only (called
         with ``num_returns=len(owners)``), so that no later pass splits them."""
-        t0 = time.perf_counter()
         adapter, topo = self._source(source, "aligns")
         cands = list(candidates_of(self.spec, self.plan, source, adapter, topo, self.block_size, layers))
         maybe_fail("actor")
@@ -63,6 +60,5 @@ class FamilyActor:
             parts = [[] for _ in owners]
             for c in cands:
                 parts[rank[c.group]].append(c)
-        seconds = {"seconds": f"{time.perf_counter() - t0:.6f}"}
-        tables = tuple(candidates_to_arrow(part).replace_schema_metadata(seconds) for part in parts)
+        tables = tuple(candidates_to_arrow(part) for part in parts)
         return tables if len(tables) > 1 else tables[0]

@@ -32,7 +32,7 @@ from hetero_ray.runners.prepare import (
     net_configs,
     objective_weights,
     open_and_align,
-    replay_records,
+    replay_examples,
     require_trained,
 )
 from hetero_ray.runners.ray import faults
@@ -42,14 +42,16 @@ from hetero_ray.spec import FusionSpec
 from hetero_ray.teach.signals import signals_summary
 from hetero_ray.tokens.candidates import CANDIDATE_SCHEMA
 from hetero_ray.train.objectives import OBJECTIVES
-from hetero_ray.train.replay import load_tokenizer, tokenize
+from hetero_ray.train.partition import lpt
+from hetero_ray.train.replay import load_tokenizer
 
 TASKS_PER_ALIGNER = 2  # alignment tasks per FamilyActor, for balance
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 # How often the Ray Train controller polls its workers (Ray's default: every 2 s). A worker's
 # ``ray.train.report`` blocks until the controller has taken its previous report (a queue of one), so
-# reporting every step made each step last at least one poll: 9 steps of 0.09 s took 18 s. Ray passes this
-# variable from the driver to the controller; a value the user set is kept.
+# reporting every step made each step last about one poll: 9 steps of 0.09 s took 18 s. Ray passes this
+# variable from the driver to the controller; a value the user set is kept. Like ensure_ray's variables it
+# stays set in this process (another Ray Train run here polls as often).
 CONTROLLER_POLL_ENV = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
 
 
@@ -138,28 +140,26 @@ def layer_chunks(plan: AlignmentPlan, indices: list[int], aligners: int) -> list
     return out
 
 
-def task_cost(plan: AlignmentPlan, source: int, layers: list[int] | None) -> int:
-    """What one alignment task reads, as a proxy for its time: the values of the source's factors that feed
-    the task's target layers (all of them for None), (d_in + d_out) x the source's rank per feed."""
-    wanted = None if layers is None else set(layers)
-    return sum((f.d_in + f.d_out) * f.rank for e in plan.entries if wanted is None or e.layer in wanted
-               for f in e.feeds if f.source == source)
-
-
-def balance(costs: list[int], actors: int, reserve_first: bool = False) -> list[int]:
-    """Each task's actor (an index below ``actors``), the longest first to the least loaded (LPT: the
-    busiest ends within 4/3 of the best split): sources of very different sizes in one family (ranks 8 and
-    64, say) no longer pile up on one actor, as handing them out in turn could. Equal costs go in turn.
-    ``reserve_first``: the first actor takes a task only when there is no other (it teaches every source)."""
-    load = [0.0] * max(1, actors)
-    if reserve_first and actors > 1:
-        load[0] = math.inf
-    out = [0] * len(costs)
-    for t in sorted(range(len(costs)), key=lambda t: -costs[t]):
-        k = min(range(len(load)), key=load.__getitem__)
-        out[t] = k
-        load[k] += costs[t]
+def layer_costs(plan: AlignmentPlan) -> dict[int, dict[int, int]]:
+    """What aligning each source's target layer reads, as a proxy for its time: {source: {target layer:
+    (d_in + d_out) x the source's rank, summed over the layer's feeds from that source}}."""
+    out: dict[int, dict[int, int]] = {}
+    for e in plan.entries:
+        for f in e.feeds:
+            by_layer = out.setdefault(f.source, {})
+            by_layer[e.layer] = by_layer.get(e.layer, 0) + (f.d_in + f.d_out) * f.rank
     return out
+
+
+def assign_tasks(costs: list[int], actors: int, reserve_first: bool = False) -> list[int]:
+    """Each alignment task's actor (an index below ``actors``) by :func:`~hetero_ray.train.partition.lpt`,
+    the largest first to the least loaded: sources of very different sizes in one family (ranks 8 and 64,
+    say) no longer pile up on one actor, as handing them out in turn could; equal costs go in turn.
+    ``reserve_first``: the first actor takes a task only when it is the only one (it teaches every source:
+    a teacher's generation takes far longer than an alignment, though a cached one takes nothing)."""
+    actors = max(1, actors)
+    loads = [math.inf if reserve_first and actors > 1 and k == 0 else 0.0 for k in range(actors)]
+    return lpt(costs, actors, loads)
 
 
 def empty_candidates():
@@ -172,7 +172,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
                   candidates: bool = True, teach: bool = False, *, opened: list,
                   owners: list[list[str]] | None = None):
     """FamilyActors per family present: every source (or chunk of its target layers, :func:`layer_chunks`) is
-    one actor task, spread over ``aligners_per_family`` actors of the family by size (:func:`balance`) so
+    one actor task, spread over ``aligners_per_family`` actors of the family by size (:func:`assign_tasks`) so
     that many sources of few families align in parallel;
     with ``teach`` every source's teacher signals one more task, all on the family's first actor (its base
     model is loaded once), which then takes alignment tasks only when it is the family's one actor.
@@ -193,14 +193,15 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     cpus = min(ray.cluster_resources().get("CPU", 1), (os.cpu_count() or 1) * max(1, nodes))
     pool_size = aligners_per_family(cpus, len(families))
-    aligners = pool_size - 1 if teach and pool_size > 1 else pool_size  # the first actor teaches (balance)
+    aligners = pool_size - 1 if teach and pool_size > 1 else pool_size  # the first actor teaches (assign_tasks)
     chunks = {fam: layer_chunks(plan, indices, aligners) if candidates else [] for fam, indices in families.items()}
+    costs = layer_costs(plan)
     spec_json, plan_json = spec.model_dump(mode="json"), plan.to_dict()
     given = {fam: ray.put({i: opened[i] for i in indices}) for fam, indices in families.items()}
     actors = {
         fam: [FamilyActor.options(num_cpus=ACTOR_CPUS, runtime_env=faults.runtime_env(), **(gpus if k == 0 else {}))
               .remote(spec_json, fam, plan_json, block, given[fam])
-              for k in range(max(1, min(pool_size, len(chunks[fam]) + (teach and bool(chunks[fam])))))]
+              for k in range(max(1, min(pool_size, len(chunks[fam]) + (1 if teach and chunks[fam] else 0))))]
         for fam in families
     }
     split = len(owners) if owners else 1
@@ -211,7 +212,8 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
             ref = actors[fam][0].teach.remote(i)
             teach_refs[i] = ref
             what[ref] = (fam, plan.sources[i].source_id, "teacher", 0)
-        owner = balance([task_cost(plan, i, chunk) for i, chunk in chunks[fam]], len(actors[fam]), teach)
+        owner = assign_tasks([sum(costs[i].values()) if chunk is None else sum(costs[i][x] for x in chunk)
+                              for i, chunk in chunks[fam]], len(actors[fam]), teach)
         for (i, chunk), k in zip(chunks[fam], owner, strict=True):
             out = actors[fam][k].candidates.options(num_returns=split).remote(i, chunk, owners)
             out = out if split > 1 else [out]
@@ -266,7 +268,7 @@ def replay_dataset(spec: FusionSpec, tokenizer):
     sizes of a replay set)."""
     import ray
 
-    examples = tokenize(tokenizer, replay_records(spec), spec.training.max_length)
+    examples = replay_examples(spec, tokenizer)
     table = pa.table({
         "index": pa.array(range(len(examples)), pa.int64()),
         "input_ids": pa.array([e.input_ids for e in examples], pa.list_(pa.int64())),
@@ -331,7 +333,8 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
         from ray.train import Checkpoint
 
         final = Checkpoint(path=f"{root}/{name}/final", filesystem=fs)
-        return _write(spec, plan, block, target, sources, final, {**timings, "train_s": 0.0, "align_s": 0.0})
+        return _write(spec, plan, block, target, sources, final,
+                      {**timings, "train_s": 0.0, "align_s": 0.0, "datasets_s": 0.0})
     ensure_ray(address)
     check_resources(spec)
 
