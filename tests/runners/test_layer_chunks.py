@@ -1,7 +1,7 @@
 """How the Ray driver divides alignment into FamilyActor tasks (no Ray needed)."""
 
 from hetero_ray.runners.prepare import open_and_align
-from hetero_ray.runners.ray.driver import assign_tasks, layer_chunks, layer_costs
+from hetero_ray.runners.ray.driver import assign_tasks, chunk_cost, layer_chunks, layer_costs
 from tests.helpers import make_spec
 
 
@@ -44,6 +44,13 @@ def test_a_layer_costs_the_values_its_feeds_read(zoo, tmp_path):
         for layer, cost in costs[src.index].items():
             feeds = [f for e in plan.entries if e.layer == layer for f in e.feeds if f.source == src.index]
             assert cost == sum((f.d_in + f.d_out) * f.rank for f in feeds) > 0
+        # a task's cost is its layers' (all of them for a whole source); a layer nothing of the source feeds
+        # (a source with LoRA on some layers only) and a source with no feed at all cost nothing
+        chunks = [c for j, c in layer_chunks(plan, [src.index], 4) if j == src.index]
+        whole = chunk_cost(costs, src.index, None)
+        assert sum(chunk_cost(costs, src.index, c) for c in chunks) == whole == sum(costs[src.index].values())
+        assert chunk_cost(costs, src.index, [*sorted(src.layer_pairs), 10**6]) == whole
+    assert chunk_cost(costs, 10**6, None) == chunk_cost(costs, 10**6, [0]) == 0
 
 
 def test_tasks_go_to_the_least_loaded_actor_longest_first():

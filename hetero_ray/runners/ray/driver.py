@@ -151,6 +151,13 @@ def layer_costs(plan: AlignmentPlan) -> dict[int, dict[int, int]]:
     return out
 
 
+def chunk_cost(costs: dict[int, dict[int, int]], source: int, layers: list[int] | None) -> int:
+    """One alignment task's cost from :func:`layer_costs`: its source's target ``layers`` (None: all); a
+    layer no module of the source feeds costs nothing."""
+    by_layer = costs.get(source, {})
+    return sum(by_layer.values()) if layers is None else sum(by_layer.get(x, 0) for x in layers)
+
+
 def assign_tasks(costs: list[int], actors: int, reserve_first: bool = False) -> list[int]:
     """Each alignment task's actor (an index below ``actors``) by :func:`~hetero_ray.train.partition.lpt`,
     the largest first to the least loaded: sources of very different sizes in one family (ranks 8 and 64,
@@ -212,8 +219,7 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
             ref = actors[fam][0].teach.remote(i)
             teach_refs[i] = ref
             what[ref] = (fam, plan.sources[i].source_id, "teacher", 0)
-        owner = assign_tasks([sum(costs[i].values()) if chunk is None else sum(costs[i][x] for x in chunk)
-                              for i, chunk in chunks[fam]], len(actors[fam]), teach)
+        owner = assign_tasks([chunk_cost(costs, i, chunk) for i, chunk in chunks[fam]], len(actors[fam]), teach)
         for (i, chunk), k in zip(chunks[fam], owner, strict=True):
             out = actors[fam][k].candidates.options(num_returns=split).remote(i, chunk, owners)
             out = out if split > 1 else [out]
