@@ -157,7 +157,13 @@ class OwnGroupsParallel:
         return [self.rank]
 
 
-def _read_candidates(name: str = "candidates"):
+def candidate_streams(owners: list[list[str]] | None) -> list[str]:
+    """The candidate Datasets' names: with owners (``cluster.partition: groups``) one per worker, holding its
+    groups' candidates; else one, which every worker reads whole."""
+    return [f"candidates_{r}" for r in range(len(owners))] if owners else ["candidates"]
+
+
+def _read_candidates(name: str):
     import ray.train
 
     from hetero_ray.tokens.candidates import candidates_from_arrow
@@ -220,7 +226,7 @@ def train_loop(config: dict) -> None:
     t0 = time.perf_counter()
     target, ttopo = open_target(spec)
     own = owners[rank] if owners else None
-    cands = (_read_candidates(f"candidates_{rank}" if owners else "candidates")
+    cands = (_read_candidates(candidate_streams(owners)[rank if owners else 0])
              if spec.control.reads_sources else None)
     memory.mark("candidates_read")
     device = ray.train.torch.get_device() if spec.cluster.use_gpu else torch.device("cpu")

@@ -37,7 +37,7 @@ from hetero_ray.runners.prepare import (
 )
 from hetero_ray.runners.ray import faults
 from hetero_ray.runners.ray.actors import FamilyActor
-from hetero_ray.runners.ray.aggregator import FINAL_DELTAS, FINAL_STATE, train_loop
+from hetero_ray.runners.ray.aggregator import FINAL_DELTAS, FINAL_STATE, candidate_streams, train_loop
 from hetero_ray.spec import FusionSpec
 from hetero_ray.teach.signals import signals_summary
 from hetero_ray.tokens.candidates import CANDIDATE_SCHEMA
@@ -211,8 +211,8 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
               for k in range(max(1, min(pool_size, len(chunks[fam]) + (1 if teach and chunks[fam] else 0))))]
         for fam in families
     }
-    split = len(owners) if owners else 1
-    refs: list[list] = [[] for _ in range(split)]  # per owner (one list without owners), in task order
+    names = candidate_streams(owners)
+    refs: list[list] = [[] for _ in names]  # per candidate Dataset (one per owner), in task order
     what, teach_refs = {}, {}
     for fam, indices in families.items():
         for i in indices if teach else []:
@@ -221,8 +221,8 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
             what[ref] = (fam, plan.sources[i].source_id, "teacher", 0)
         owner = assign_tasks([chunk_cost(costs, i, chunk) for i, chunk in chunks[fam]], len(actors[fam]), teach)
         for (i, chunk), k in zip(chunks[fam], owner, strict=True):
-            out = actors[fam][k].candidates.options(num_returns=split).remote(i, chunk, owners)
-            out = out if split > 1 else [out]
+            out = actors[fam][k].candidates.options(num_returns=len(names)).remote(i, chunk, owners)
+            out = out if len(names) > 1 else [out]
             for r, ref in enumerate(out):
                 refs[r].append(ref)
             ref = out[0]  # a task's returns are ready together
@@ -243,7 +243,6 @@ def align_sources(spec: FusionSpec, plan: AlignmentPlan, block: int, on_progress
                          "aligner": aligner})
     streams = None
     if candidates:
-        names = [f"candidates_{r}" for r in range(split)] if owners else ["candidates"]
         streams = {name: (ray.data.from_arrow_refs(part) if part else empty_candidates()).materialize()
                    for name, part in zip(names, refs, strict=True)}
     signals = [ray.get(teach_refs[i]) for i in sorted(teach_refs)]
@@ -353,8 +352,7 @@ def fuse(spec: FusionSpec, address: str | None = None, on_progress: Callable[[di
         streams, signals = align_sources(spec, plan, block, on_progress, spec.control.reads_sources, teach,
                                          opened=sources, owners=owners)
     if streams is None:
-        streams = ({f"candidates_{r}": empty_candidates() for r in range(len(owners))} if owners
-                   else {"candidates": empty_candidates()})
+        streams = {name: empty_candidates() for name in candidate_streams(owners)}
     timings["align_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     replay = replay_dataset(spec, tokenizer)
